@@ -1,0 +1,355 @@
+"""The stage runner behind `run.py`: checks the composed config, prepares data, runs one stage
+(`bidiffuser`, `extract`, `pretrain`, `instruct`, `eval`, `chat`, or `all` in order), and writes
+`results.json` in the run's output directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lit_modules.errors import ConfigError
+
+log = logging.getLogger("easygen")
+
+
+# ----------------------------------------------------------------------------------------------------
+# config helpers
+
+
+def container(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def hydra_choices() -> dict:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = dict(HydraConfig.get().runtime.choices)
+        return {k: v for k, v in choices.items() if not k.startswith("hydra/") or k == "hydra/launcher"}
+    except Exception:  # noqa: BLE001 - outside a Hydra app (tests calling run_stage directly)
+        return {}
+
+
+def hydra_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def stage_needs(cfg) -> list[str]:
+    """Config subtrees whose required (???) keys this stage reads."""
+    kind = cfg.stage.kind
+    if kind in ("all", "chat"):
+        return ["model", "data"]
+    if kind == "extract":
+        return ["model.bidiffuser", "data"]
+    if kind == "eval":
+        return ["model", "data"] if cfg.task != "t2i" else ["model.bidiffuser", "data"]
+    if cfg.stage.module == "bidiffuser":
+        return ["model.bidiffuser", "data"]
+    needs = ["model.llm", "model.projector", "data"]
+    if cfg.stage.get("feature_source", "auto") != "extracted":
+        needs.append("model.bidiffuser")
+    return needs
+
+
+def check_missing(cfg) -> None:
+    for prefix in stage_needs(cfg):
+        node = OmegaConf.select(cfg, prefix)
+        if node is None:
+            continue
+        missing = sorted(OmegaConf.missing_keys(node))
+        if missing:
+            keys = ", ".join(f"{prefix}.{k}" for k in missing)
+            raise ConfigError(f"required path(s) not set: {keys} (set {prefix}.{missing[0]}=/path/to/...)")
+
+
+def output_dir(cfg) -> Path:
+    return Path(str(cfg.paths.output_dir))
+
+
+# ----------------------------------------------------------------------------------------------------
+# data
+
+
+def ensure_data(cfg) -> None:
+    """Write the synthetic set on first use; check that every shard pattern matches something."""
+    from data_modules.shards import expand_urls
+
+    if cfg.data.get("synthetic") and cfg.data.name == "synthetic":
+        root = Path(str(cfg.data.root))
+        if not (root / "manifest.json").exists():
+            from data_modules.synthetic import make_synthetic
+
+            s = cfg.data.synthetic
+            log.info("writing the synthetic set (%d samples) to %s", s.n, root)
+            make_synthetic(str(root), n=int(s.n), seed=int(s.seed), image_size=int(s.image_size))
+    for i, src in enumerate(cfg.data.train or []):
+        _check_urls(src["urls"], f"data.train[{i}].urls", expand_urls)
+    for key in ("val", "test"):
+        if cfg.data.get(key):
+            _check_urls(cfg.data[key], f"data.{key}", expand_urls)
+
+
+def _check_urls(spec, key, expand_urls) -> None:
+    try:
+        urls = expand_urls(spec)
+    except FileNotFoundError:
+        urls = []
+    if not urls:
+        raise ConfigError(
+            f"no shards match {key}={spec!r}: write them with `python -m data_modules.convert` "
+            f"(or stage=extract) and set data.root / {key}"
+        )
+
+
+def build_datamodule(cfg, module, features_required: bool = False):
+    from data_modules.datamodule import ShardDataModule
+
+    d = cfg.data
+    dm = ShardDataModule(
+        train=[dict(s) for s in container(d.train)] if d.get("train") else None,
+        val=d.get("val"),
+        test=d.get("test"),
+        batch_size=int(d.batch_size),
+        eval_batch_size=int(d.get("eval_batch_size") or d.batch_size),
+        num_workers=int(d.num_workers),
+        image_size=int(cfg.model.image_size),
+        shuffle_buffer=int(d.shuffle_buffer),
+        samples_per_epoch=d.get("samples_per_epoch"),
+        max_skip_fraction=float(d.max_skip_fraction),
+        seed=int(cfg.seed),
+        load_images=module.needs_images,
+    )
+    dm.collate_fn = module.collate
+    dm.eval_collate_fn = module.eval_collate
+    return dm
+
+
+# ----------------------------------------------------------------------------------------------------
+# loggers
+
+
+def wandb_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def build_loggers(cfg, out: Path):
+    loggers = []
+    lcfg = cfg.get("logger") or {}
+    if lcfg.get("wandb"):
+        from lightning.pytorch.loggers import WandbLogger
+
+        w = lcfg.wandb
+        mode = wandb_mode(str(w.mode))
+        loggers.append(
+            WandbLogger(
+                project=w.project,
+                entity=w.get("entity"),
+                name=f"{cfg.task_name}-{out.name}",
+                group=w.get("group"),
+                tags=list(w.get("tags") or []),
+                save_dir=str(out),
+                offline=mode == "offline",
+                mode=mode if mode == "disabled" else None,
+                config=container(cfg),
+            )
+        )
+    if lcfg.get("csv"):
+        from lightning.pytorch.loggers import CSVLogger
+
+        loggers.append(CSVLogger(save_dir=str(out), name=lcfg.csv.get("name", "csv"), version=""))
+    return loggers
+
+
+def finish_wandb() -> None:
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except ImportError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# stages
+
+
+def build_module(cfg):
+    from lit_modules.bidiffuser_module import BiDiffuserModule
+    from lit_modules.easygen_module import EasyGenModule
+
+    plain = container(cfg)
+    if cfg.stage.module == "bidiffuser":
+        return BiDiffuserModule(plain)
+    return EasyGenModule(plain)
+
+
+def build_callbacks(cfg) -> list:
+    from hydra.utils import instantiate
+
+    out = []
+    for name, c in (cfg.get("callbacks") or {}).items():
+        if c is None or "_target_" not in c:
+            continue
+        if name == "model_checkpoint" and not cfg.stage.get("monitor"):
+            c = OmegaConf.merge(c, {"monitor": None, "mode": "min"})
+        out.append(instantiate(c))
+    return out
+
+
+def resolve_ckpt(ckpt_path, out: Path) -> str | None:
+    if ckpt_path in (None, "", "null"):
+        return None
+    if str(ckpt_path) == "last":
+        found = sorted(out.glob("checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigError(f"ckpt_path=last but {out}/checkpoints has no last.ckpt: set ckpt_path=/path/to.ckpt")
+        return str(found[-1])
+    if not Path(str(ckpt_path)).exists():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist: set ckpt_path to a checkpoint file or `last`")
+    return str(ckpt_path)
+
+
+def trainer_kwargs(cfg) -> dict:
+    t = container(cfg.trainer)
+    t.pop("_target_", None)
+    max_steps = int(t.get("max_steps", -1))
+    every = cfg.stage.get("val_every")
+    if max_steps > 0 and t.get("val_check_interval") is None:
+        # validate on step counts that divide max_steps, so the last step is always evaluated
+        every = int(every or max_steps)
+        while max_steps % every:
+            every += 1
+        t["val_check_interval"] = every
+        t["check_val_every_n_epoch"] = None
+    elif t.get("check_val_every_n_epoch") is None and t.get("val_check_interval") is None:
+        t["check_val_every_n_epoch"] = 1
+    return t
+
+
+def train_stage(cfg) -> dict:
+    import lightning.pytorch as pl
+
+    from lit_modules.strategies import build_strategy
+
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    strategy = build_strategy(cfg.strategy, cfg.trainer)
+    ensure_data(cfg)
+    module = build_module(cfg)
+    dm = build_datamodule(cfg, module)
+    callbacks = build_callbacks(cfg)
+    loggers = build_loggers(cfg, out)
+    trainer = pl.Trainer(
+        **trainer_kwargs(cfg), strategy=strategy, callbacks=callbacks, logger=loggers or False,
+        default_root_dir=str(out),
+    )
+    world = trainer.world_size
+    global_batch = int(cfg.data.batch_size) * world * int(cfg.trainer.accumulate_grad_batches)
+    if trainer.is_global_zero:
+        log.info(
+            "stage=%s global batch %d = %d per device x %d devices x %d accumulation",
+            cfg.stage.name, global_batch, cfg.data.batch_size, world, cfg.trainer.accumulate_grad_batches,
+        )
+    ckpt = resolve_ckpt(cfg.get("ckpt_path"), out)
+    t0 = time.time()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    artifacts = module.export_artifacts(out) if trainer.is_global_zero else {}
+    metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+    ckpt_cb = trainer.checkpoint_callback
+    best = {}
+    if ckpt_cb is not None and ckpt_cb.best_model_score is not None and ckpt_cb.monitor:
+        best[ckpt_cb.monitor] = _scalar(ckpt_cb.best_model_score)
+    return {
+        "global_step": int(trainer.global_step),
+        "global_batch": global_batch,
+        "world_size": world,
+        "metrics": metrics,
+        "best": best,
+        "checkpoints": {
+            "best": getattr(ckpt_cb, "best_model_path", None) or None,
+            "last": getattr(ckpt_cb, "last_model_path", None) or None,
+        },
+        "artifacts": artifacts,
+        "train_seconds": round(time.time() - t0, 2),
+        "is_global_zero": trainer.is_global_zero,
+    }
+
+
+def _scalar(v):
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().cpu().item())
+    return float(v)
+
+
+def run_stage(cfg) -> dict:
+    """Run the configured stage and write results.json; returns the results dict."""
+    check_missing(cfg)
+    kind = cfg.stage.kind
+    if kind == "train":
+        res = train_stage(cfg)
+    elif kind == "extract":
+        from lit_modules.extract import extract_stage
+
+        res = extract_stage(cfg)
+    elif kind == "eval":
+        from lit_modules.evaluate import eval_stage
+
+        res = eval_stage(cfg)
+    elif kind == "chat":
+        from lit_modules.chat_stage import chat_stage
+
+        res = chat_stage(cfg)
+    elif kind == "all":
+        from lit_modules.recipe import run_all
+
+        res = run_all(cfg)
+    else:
+        raise ConfigError(f"unknown stage.kind={kind!r}")
+    results = {"stage": str(cfg.stage.name), "choices": hydra_choices(), "output_dir": str(output_dir(cfg)), **res}
+    if results.pop("is_global_zero", True):
+        write_results(output_dir(cfg), results)
+    return results
+
+
+def write_results(out: Path, results: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def print_summary(results: dict) -> None:
+    print(f"\n[easygen] stage={results['stage']} finished; outputs in {results['output_dir']}")
+    metrics = dict(results.get("metrics") or {})
+    metrics.update({f"best {k}": v for k, v in (results.get("best") or {}).items()})
+    for k in sorted(metrics):
+        v = metrics[k]
+        print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
+    if results.get("checkpoints"):
+        for k, v in results["checkpoints"].items():
+            if v:
+                print(f"  checkpoint ({k}): {v}")

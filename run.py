@@ -1,0 +1,77 @@
+"""EasyGen's single entry point.
+
+    python run.py                                   # stage=pretrain on the embedded default (tiny, CPU)
+    python run.py stage=bidiffuser|extract|pretrain|instruct|eval|chat|all
+    python run.py stage=instruct lora=on strategy=fsdp trainer.devices=2
+    python run.py -m optim.lr=1e-3,1e-4 seed=1,2    # sweeps: one output dir, one W&B run per job
+    python run.py -m hparams_search=caption_optuna  # Optuna search maximising val/CIDEr
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+CONF = Path(__file__).resolve().parent / "conf"
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Fail with one line on an unknown config-group choice (Hydra's own message spans a page)."""
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key not in groups or "," in value or value in ("null", "") or "(" in value:
+            continue
+        if not (CONF / key / f"{value}.yaml").exists():
+            options = sorted(p.stem for p in (CONF / key).glob("*.yaml"))
+            sys.stderr.write(f"error: unknown {key}={value}; choose {key}=" + "|".join(options) + "\n")
+            raise SystemExit(2)
+
+
+def with_recipe(cfg: DictConfig) -> DictConfig:
+    """Apply the experiment's per-stage overrides (`recipe.<stage>`) by composing again, user overrides last."""
+    from hydra import compose
+
+    from lit_modules.runner import hydra_overrides
+
+    entries = list((cfg.get("recipe") or {}).get(str(cfg.stage.name)) or [])
+    if not entries or cfg.stage.kind == "all":
+        return cfg
+    user = hydra_overrides()
+    user_keys = {o.split("=", 1)[0].lstrip("+~") for o in user}
+    extra = [e for e in entries if e.split("=", 1)[0].lstrip("+~") not in user_keys]
+    return compose(config_name="config", overrides=extra + user)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from lit_modules.errors import ConfigError
+    from lit_modules.runner import finish_wandb, print_summary, run_stage
+
+    try:
+        cfg = with_recipe(cfg)
+        results = run_stage(cfg)
+    except ConfigError as e:
+        sys.stderr.write(f"error: {e}\n")
+        finish_wandb()
+        raise SystemExit(2) from None
+    finish_wandb()
+    if int(os.environ.get("RANK", "0")) == 0 and results.get("stage") != "chat":
+        print_summary(results)
+    metric = cfg.get("optimized_metric")
+    if metric:
+        value = (results.get("best") or {}).get(metric, (results.get("metrics") or {}).get(metric))
+        return None if value is None else float(value)
+    return None
+
+
+if __name__ == "__main__":
+    check_group_choices(sys.argv[1:])
+    main()
