@@ -1,0 +1,495 @@
+"""Converters from the public dataset formats to EasyGen WebDataset shards (SPEC §7).
+
+    python -m data_modules.convert FORMAT --input FILE --images DIR --out OUT \\
+        [--annotations FILE] [--shard-size N] [--workers N] [--resize N]
+
+FORMAT is one of:
+  coco-karpathy  dataset_coco.json of Karpathy's splits (``images[].{filepath, filename,
+                 sentences[].raw, split, cocoid}``; ``restval`` joins train) -> caption samples
+  llava          LLaVA instruct json (``[{id, image?, conversations: [{from, value}]}]``)
+                 -> conversation samples, ``<image>`` marker kept
+  vqav2          VQAv2 questions json (``--input``) + annotations json (``--annotations``, all ten
+                 answers kept) -> vqa samples; images ``COCO_<subtype>_%012d.jpg`` or ``%012d.jpg``
+  captions       jsonl of ``{image, captions, split?}`` (image relative to --images or absolute)
+
+Writes ``OUT/<split>/shard-%06d.tar`` and ``OUT/manifest.json`` (samples per split and per shard,
+the source, every skipped record with its reason). A JPEG or PNG is copied byte for byte unless
+``--resize`` asks for a smaller one; other formats are re-encoded as JPEG. A record whose image is
+missing or unreadable, whose caption is empty or whose conversation is malformed is skipped and
+listed; a sample is only written once all its members are ready, and each shard is written to a
+temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+FORMATS = ("coco-karpathy", "llava", "vqav2", "captions")
+IMAGE_MARKER = "<image>"
+_UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass
+class Record:
+    """One source record before its image is read: where it goes and what its json says."""
+
+    index: int  # position in the source file, for the skipped list
+    key: str
+    split: str
+    meta: dict[str, Any]
+    image: Path | None = None
+    image_candidates: list[Path] = field(default_factory=list)
+    error: str | None = None  # known-bad before reading the image
+
+
+@dataclass
+class Prepared:
+    index: int
+    key: str
+    split: str
+    members: dict[str, bytes] | None
+    error: str | None
+
+
+def sanitize_key(text: str) -> str:
+    """A webdataset key: no dots (the first dot splits key from field), no path separators."""
+    key = _UNSAFE_KEY.sub("_", str(text)).strip("_")
+    return key or "sample"
+
+
+def _check_captions(captions: Any) -> str | None:
+    if not isinstance(captions, list) or not captions:
+        return "empty caption list"
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str) or not caption.strip():
+            return f"empty caption at index {i}"
+    return None
+
+
+def _check_conversation(turns: Any, has_image: bool) -> str | None:
+    if not isinstance(turns, list) or not turns:
+        return "malformed conversation: 'conversations' must be a non-empty list"
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            return f"malformed conversation: turn {i} must be an object with a string 'value'"
+        expected = "human" if i % 2 == 0 else "gpt"
+        if turn.get("from") != expected:
+            return f"malformed conversation: turn {i} is from {turn.get('from')!r}, expected {expected!r}"
+        if not turn["value"].strip():
+            return f"malformed conversation: turn {i} is empty"
+    if len(turns) % 2:
+        return "malformed conversation: the last turn must be from 'gpt'"
+    markers = sum(turn["value"].count(IMAGE_MARKER) for turn in turns)
+    if has_image and markers != 1:
+        return f"malformed conversation: a record with an image needs exactly one {IMAGE_MARKER} marker, found {markers}"
+    if not has_image and markers:
+        return f"malformed conversation: {IMAGE_MARKER} marker but no 'image'"
+    return None
+
+
+def _load_json(path: str | os.PathLike, what: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{what} {path} does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {path} is not valid json: {exc}") from exc
+
+
+class _KeyMaker:
+    """Unique, dot-free keys; a repeated source id gets a ``_<n>`` suffix."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, text: str) -> str:
+        base = key = sanitize_key(text)
+        n = 1
+        while key in self.used:
+            key = f"{base}_{n}"
+            n += 1
+        self.used.add(key)
+        return key
+
+
+# --------------------------------------------------------------------------------------------------
+# per-format record readers
+
+
+def records_coco_karpathy(input: str, images: str, **_: Any) -> Iterator[Record]:
+    data = _load_json(input, "coco-karpathy file")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{input}: expected an object with an 'images' list (Karpathy's dataset_coco.json)")
+    keys = _KeyMaker()
+    for i, entry in enumerate(data["images"]):
+        if not isinstance(entry, dict) or "filename" not in entry or "split" not in entry:
+            yield Record(i, f"record{i}", "train", {}, error="record lacks 'filename' or 'split'")
+            continue
+        cocoid = entry.get("cocoid", entry.get("imgid", Path(entry["filename"]).stem))
+        split = "train" if entry["split"] == "restval" else str(entry["split"])
+        captions = [s.get("raw") if isinstance(s, dict) else None for s in entry.get("sentences", [])]
+        key = keys(f"coco_{cocoid}")
+        meta = {"id": str(cocoid), "kind": "caption", "captions": captions, "cocoid": cocoid, "split": split}
+        meta["filename"] = entry["filename"]
+        path = Path(images) / entry.get("filepath", "") / entry["filename"]
+        yield Record(i, key, split, meta, image=path, error=_check_captions(captions))
+
+
+def records_llava(input: str, images: str | None, split: str = "train", **_: Any) -> Iterator[Record]:
+    data = _load_json(input, "llava file")
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{input}: expected a list of {{id, image, conversations}} records (LLaVA instruct json)"
+        )
+    keys = _KeyMaker()
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            yield Record(i, f"record{i}", split, {}, error="record is not an object")
+            continue
+        source_id = str(entry.get("id", i))
+        key = keys(f"llava_{source_id}")
+        has_image = bool(entry.get("image"))
+        meta = {
+            "id": key,
+            "kind": "conversation",
+            "source_id": source_id,
+            "conversations": entry.get("conversations"),
+            "split": split,
+        }
+        path = None
+        if has_image:
+            meta["image_file"] = entry["image"]
+            path = Path(entry["image"]) if images is None else Path(images) / entry["image"]
+        yield Record(
+            i, key, split, meta, image=path, error=_check_conversation(entry.get("conversations"), has_image)
+        )
+
+
+def records_vqav2(
+    input: str, images: str, annotations: str | None = None, split: str | None = None, **_: Any
+) -> Iterator[Record]:
+    questions = _load_json(input, "vqav2 questions file")
+    if not isinstance(questions, dict) or not isinstance(questions.get("questions"), list):
+        raise ValueError(f"{input}: expected an object with a 'questions' list (VQAv2 questions json)")
+    subtype = str(questions.get("data_subtype", ""))
+    # test-dev questions use the test2015 images.
+    image_subtype = "test2015" if subtype.startswith("test") else subtype
+    split = split or {"train2014": "train", "val2014": "val"}.get(
+        subtype, "test" if subtype.startswith("test") else "train"
+    )
+    answers_by_qid: dict[Any, dict[str, Any]] = {}
+    if annotations is not None:
+        ann = _load_json(annotations, "vqav2 annotations file")
+        if not isinstance(ann, dict) or not isinstance(ann.get("annotations"), list):
+            raise ValueError(
+                f"{annotations}: expected an object with an 'annotations' list (VQAv2 annotations json)"
+            )
+        answers_by_qid = {
+            a["question_id"]: a for a in ann["annotations"] if isinstance(a, dict) and "question_id" in a
+        }
+    keys = _KeyMaker()
+    for i, q in enumerate(questions["questions"]):
+        if not isinstance(q, dict) or not {"question", "question_id", "image_id"} <= q.keys():
+            yield Record(
+                i, f"record{i}", split, {}, error="question lacks 'question', 'question_id' or 'image_id'"
+            )
+            continue
+        qid, image_id = q["question_id"], q["image_id"]
+        key = keys(f"vqa_{qid}")
+        meta = {
+            "id": str(qid),
+            "kind": "vqa",
+            "question": q["question"],
+            "question_id": qid,
+            "image_id": image_id,
+            "answers": [],
+            "split": split,
+        }
+        error = None if isinstance(q["question"], str) and q["question"].strip() else "empty question"
+        if annotations is not None:
+            a = answers_by_qid.get(qid)
+            if a is None:
+                error = error or f"no annotation for question_id {qid}"
+            else:
+                answers = [x.get("answer") if isinstance(x, dict) else None for x in a.get("answers", [])]
+                if len(answers) != 10 or not all(isinstance(x, str) for x in answers):
+                    error = error or f"expected 10 string answers, found {len(answers)}"
+                meta["answers"] = answers
+                for extra in ("multiple_choice_answer", "answer_type", "question_type"):
+                    if extra in a:
+                        meta[extra] = a[extra]
+        candidates = [
+            Path(images) / f"COCO_{image_subtype}_{int(image_id):012d}.jpg",
+            Path(images) / f"{int(image_id):012d}.jpg",
+        ]
+        yield Record(i, key, split, meta, image_candidates=candidates, error=error)
+
+
+_RESERVED = {"id", "kind", "captions", "split", "image"}
+
+
+def records_captions(input: str, images: str | None, split: str = "train", **_: Any) -> Iterator[Record]:
+    keys = _KeyMaker()
+    try:
+        lines = Path(input).read_text().splitlines()
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"captions file {input} does not exist") from exc
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield Record(i, f"line{i + 1}", split, {}, error=f"line {i + 1} is not valid json: {exc}")
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            yield Record(i, f"line{i + 1}", split, {}, error=f"line {i + 1} lacks a string 'image'")
+            continue
+        image = Path(entry["image"])
+        if not image.is_absolute() and images is not None:
+            image = Path(images) / image
+        key = keys(entry.get("id") or Path(entry["image"]).stem)
+        record_split = str(entry.get("split") or split)
+        meta = {
+            "id": str(entry.get("id") or key),
+            "kind": "caption",
+            "captions": entry.get("captions"),
+            "split": record_split,
+        }
+        # Extra fields (e.g. the synthetic set's attributes) travel with the sample.
+        meta.update({k: v for k, v in entry.items() if k not in _RESERVED})
+        yield Record(i, key, record_split, meta, image=image, error=_check_captions(entry.get("captions")))
+
+
+READERS: dict[str, Callable[..., Iterator[Record]]] = {
+    "coco-karpathy": records_coco_karpathy,
+    "llava": records_llava,
+    "vqav2": records_vqav2,
+    "captions": records_captions,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# image reading (runs in worker processes)
+
+
+def _encode_image(path: Path, resize: int | None) -> tuple[str, bytes]:
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = img.format
+        # A full decode, not verify(): verify() misses truncated JPEG data.
+        img.load()
+        if fmt in ("JPEG", "PNG") and (resize is None or min(img.size) <= resize):
+            return ("jpg" if fmt == "JPEG" else "png"), data
+        out_fmt = "PNG" if fmt == "PNG" else "JPEG"
+        if resize is not None and min(img.size) > resize:
+            scale = resize / min(img.size)
+            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        if out_fmt == "JPEG" and img.mode != "RGB":
+            img = img.convert("RGB")
+        buffer = io.BytesIO()
+        img.save(buffer, format=out_fmt, **({"quality": 95} if out_fmt == "JPEG" else {}))
+        return ("jpg" if out_fmt == "JPEG" else "png"), buffer.getvalue()
+
+
+_RESIZE: int | None = None
+
+
+def _init_worker(resize: int | None) -> None:
+    global _RESIZE
+    _RESIZE = resize
+
+
+def _prepare(record: Record) -> Prepared:
+    if record.error is not None:
+        return Prepared(record.index, record.key, record.split, None, record.error)
+    members: dict[str, bytes] = {}
+    path = record.image
+    if path is None and record.image_candidates:
+        path = next((p for p in record.image_candidates if p.is_file()), None)
+        if path is None:
+            names = " or ".join(str(p) for p in record.image_candidates)
+            return Prepared(record.index, record.key, record.split, None, f"missing image {names}")
+    if path is not None:
+        if not path.is_file():
+            return Prepared(record.index, record.key, record.split, None, f"missing image {path}")
+        try:
+            ext, data = _encode_image(path, _RESIZE)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            return Prepared(record.index, record.key, record.split, None, f"unreadable image {path}: {exc}")
+        members[ext] = data
+    members["json"] = json.dumps(record.meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return Prepared(record.index, record.key, record.split, members, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+class _SplitWriter:
+    """Writes ``<out>/<split>/shard-%06d.tar`` with at most ``shard_size`` samples each."""
+
+    def __init__(self, out: Path, split: str, shard_size: int):
+        self.dir = out / split
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.split = split
+        self.shard_size = shard_size
+        self.counts: dict[str, int] = {}
+        self.tar: tarfile.TarFile | None = None
+        self.name = ""
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        if self.tar is None or self.counts[self.name] >= self.shard_size:
+            self._open_next()
+        # Fixed metadata so the same input gives byte-identical shards.
+        for ext in sorted(members):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(members[ext]), 0, 0o444
+            self.tar.addfile(info, io.BytesIO(members[ext]))
+        self.counts[self.name] += 1
+
+    def _open_next(self) -> None:
+        self.close()
+        self.name = f"{self.split}/shard-{len(self.counts):06d}.tar"
+        self.counts[self.name] = 0
+        self.tar = tarfile.open(self.dir / f"{Path(self.name).name}.tmp", "w", format=tarfile.USTAR_FORMAT)
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            tmp = self.dir / f"{Path(self.name).name}.tmp"
+            os.replace(tmp, self.dir / Path(self.name).name)
+            self.tar = None
+
+
+def convert(
+    format: str,
+    *,
+    input: str | os.PathLike,
+    out: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    annotations: str | os.PathLike | None = None,
+    shard_size: int = 1000,
+    workers: int = 1,
+    resize: int | None = None,
+    split: str | None = None,
+    progress: bool = True,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Convert a public-format dataset to shards under ``out``; returns (and writes) the manifest.
+
+    ``split`` overrides the split of formats that have none of their own (llava, captions without a
+    ``split`` field; vqav2 reads it from ``data_subtype``). ``source`` replaces the manifest's record
+    of where the data came from.
+    """
+    if format not in READERS:
+        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if format in ("coco-karpathy", "vqav2") and images is None:
+        raise ValueError(f"format {format!r} needs --images (the folder of the COCO images)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"input": str(input), "images": None if images is None else str(images)}
+    if annotations is not None:
+        kwargs["annotations"] = str(annotations)
+    if split is not None:
+        kwargs["split"] = split
+    records = list(READERS[format](**kwargs))
+
+    writers: dict[str, _SplitWriter] = {}
+    skipped: list[dict[str, Any]] = []
+    if workers > 1:
+        pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(resize,))
+        results = pool.imap(_prepare, records, chunksize=8)
+    else:
+        pool = None
+        _init_worker(resize)
+        results = map(_prepare, records)
+    try:
+        for prepared in tqdm(results, total=len(records), desc=f"convert {format}", disable=not progress):
+            if prepared.members is None:
+                skipped.append({"record": prepared.index, "key": prepared.key, "reason": prepared.error})
+                continue
+            if prepared.split not in writers:
+                writers[prepared.split] = _SplitWriter(out, prepared.split, shard_size)
+            writers[prepared.split].write(prepared.key, prepared.members)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        for writer in writers.values():
+            writer.close()
+
+    splits = {
+        name: {"samples": sum(w.counts.values()), "shards": dict(w.counts)}
+        for name, w in sorted(writers.items())
+    }
+    manifest = {
+        "format": format,
+        "source": source
+        or {
+            k: str(Path(v).resolve())
+            for k, v in (("input", input), ("images", images), ("annotations", annotations))
+            if v is not None
+        },
+        "shard_size": shard_size,
+        "resize": resize,
+        "records": len(records),
+        "samples": sum(s["samples"] for s in splits.values()),
+        "splits": splits,
+        "skipped": skipped,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("format", choices=FORMATS)
+    parser.add_argument("--input", required=True, help="the source json/jsonl file")
+    parser.add_argument("--images", default=None, help="folder the record image paths are relative to")
+    parser.add_argument("--annotations", default=None, help="vqav2: the annotations json")
+    parser.add_argument(
+        "--out", required=True, help="output folder for <split>/shard-*.tar and manifest.json"
+    )
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--workers", type=int, default=1, help="processes reading/validating images")
+    parser.add_argument("--resize", type=int, default=None, help="downscale so the shorter side is at most N")
+    parser.add_argument("--split", default=None, help="split name for formats without one")
+    args = parser.parse_args(argv)
+    manifest = convert(
+        args.format,
+        input=args.input,
+        out=args.out,
+        images=args.images,
+        annotations=args.annotations,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        resize=args.resize,
+        split=args.split,
+    )
+    counts = ", ".join(f"{name} {s['samples']}" for name, s in manifest["splits"].items())
+    print(f"wrote {manifest['samples']} samples ({counts}) to {args.out}; skipped {len(manifest['skipped'])}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()
