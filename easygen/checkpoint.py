@@ -1,0 +1,95 @@
+"""Reading and writing plain state-dict files safely.
+
+Checkpoints come as safetensors or as ``torch.save`` pickles (UniDiffuser's ``uvit_v1.pth``, EasyGen's
+``nnet_ema.pth``, ``caption_decoder.pth`` with its ``module.`` prefix). Pickles are read with
+``weights_only=True`` so a file that would run code on load is refused instead of executed. Writes go to a
+temporary file in the target folder and are moved into place with ``os.replace``, so an interrupted save never
+leaves a truncated checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def _strip_module_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # DataParallel/DDP checkpoints prefix every key with "module."; only strip when all keys have it.
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state dict from .safetensors or .pth/.pt/.bin/.ckpt onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path), device="cpu")
+    elif suffix in TORCH_SUFFIXES:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
+                f"(loading it would execute code). Re-save it as a plain state dict. Details: {e}"
+            ) from None
+    else:
+        raise ValueError(
+            f"{path}: unknown checkpoint suffix {suffix!r}; expected one of "
+            f"{SAFETENSORS_SUFFIXES + TORCH_SUFFIXES}"
+        )
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, expected a tensor")
+    return _strip_module_prefix(dict(sd))
+
+
+def save_state_dict_file(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write a state dict atomically; .safetensors via safetensors, anything in TORCH_SUFFIXES via torch.save."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES:
+        raise ValueError(f"{path}: unknown checkpoint suffix {suffix!r}")
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"state dict entry {k!r} is a {type(v).__name__}, expected a tensor")
+        v = v.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share storage (tied or aliased weights): give each its own copy.
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if suffix in SAFETENSORS_SUFFIXES:
+            from safetensors.torch import save_file
+
+            save_file(out, tmp)
+        else:
+            torch.save(out, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
