@@ -67,10 +67,10 @@ def check_missing(cfg) -> None:
         node = OmegaConf.select(cfg, prefix)
         if node is None:
             continue
+        # missing_keys gives full keys (model.llm.path)
         missing = sorted(OmegaConf.missing_keys(node))
         if missing:
-            keys = ", ".join(f"{prefix}.{k}" for k in missing)
-            raise ConfigError(f"required path(s) not set: {keys} (set {prefix}.{missing[0]}=/path/to/...)")
+            raise ConfigError(f"required path(s) not set: {', '.join(missing)} (set {missing[0]}=/path/to/...)")
 
 
 def output_dir(cfg) -> Path:
@@ -112,16 +112,15 @@ def _check_urls(spec, key, expand_urls) -> None:
         )
 
 
-def build_datamodule(cfg, module, features_required: bool = False):
-    from data_modules.datamodule import ShardDataModule
+def build_datamodule(cfg, module):
+    from lit_modules.datamodule import StageDataModule
 
     d = cfg.data
-    dm = ShardDataModule(
+    dm = StageDataModule(
         train=[dict(s) for s in container(d.train)] if d.get("train") else None,
         val=d.get("val"),
         test=d.get("test"),
         batch_size=int(d.batch_size),
-        eval_batch_size=int(d.get("eval_batch_size") or d.batch_size),
         num_workers=int(d.num_workers),
         image_size=int(cfg.model.image_size),
         shuffle_buffer=int(d.shuffle_buffer),
@@ -132,6 +131,7 @@ def build_datamodule(cfg, module, features_required: bool = False):
     )
     dm.collate_fn = module.collate
     dm.eval_collate_fn = module.eval_collate
+    dm.eval_batch_size = int(d.get("eval_batch_size") or d.batch_size)
     return dm
 
 
@@ -275,7 +275,7 @@ def train_stage(cfg) -> dict:
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), out)
     t0 = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-    artifacts = module.export_artifacts(out) if trainer.is_global_zero else {}
+    artifacts = module.export_artifacts(out)  # every rank: gathers sharded weights
     metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
     ckpt_cb = trainer.checkpoint_callback
     best = {}

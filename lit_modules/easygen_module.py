@@ -1,0 +1,186 @@
+"""The LightningModule of the LLM side: alignment (`stage=pretrain`) and instruction tuning
+(`stage=instruct`, `lora=off|on`), evaluation by generation. What is frozen, where the image features
+come from and which loss runs are configuration (SPEC §4, §5)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from lit_modules.builders import build_bidiffuser, build_llm, build_llm_tokenizer, build_projector
+from lit_modules.errors import ConfigError
+from lit_modules.optim import build_optimizer
+
+log = logging.getLogger("easygen")
+
+
+class EasyGenModule(pl.LightningModule):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.save_hyperparameters({"cfg": cfg})
+        self.cfg = cfg
+        self.stage_cfg = cfg["stage"]
+        self.lora_cfg = cfg.get("lora") or {"enabled": False}
+        # frozen parts come back from their sources; checkpoints hold what was trained
+        self.strict_loading = False
+        self.feature_source = self.stage_cfg.get("feature_source", "auto")
+        self.tokenizer = build_llm_tokenizer(cfg)
+        from easygen.collate import EasyGenCollator
+
+        m = cfg["model"]
+        kw = dict(template=m["template"], max_length=int(m["max_length"]), num_image_tokens=int(m["num_image_tokens"]))
+        self.train_collator = EasyGenCollator(self.tokenizer, seed=int(cfg.get("seed", 0)), **kw)
+        self.eval_collator = EasyGenCollator(self.tokenizer, seed=0, **kw)
+        self.eval_collator.eval_mode = True
+        self.model = None
+        self.bidiffuser = None
+        self.last_batch_size = 0
+        self.last_num_tokens = 0
+
+    # -- data -----------------------------------------------------------------------------------
+    @property
+    def needs_images(self) -> bool:
+        return self.feature_source in ("auto", "on_the_fly")
+
+    def collate(self, samples: list[dict]) -> dict:
+        batch = self.train_collator(samples)
+        if self.feature_source == "captions":
+            # caption-as-image (SPEC §4): a reference caption stands in for the picture
+            rng = random.Random(hash(tuple(batch["ids"])) & 0xFFFF)
+            batch["feature_texts"] = [rng.choice(s["captions"]) for s in samples if s.get("captions")]
+        return batch
+
+    def eval_collate(self, samples: list[dict]) -> dict:
+        return self.eval_collator(samples)
+
+    # -- model ----------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from easygen.model import EasyGen
+
+        llm = build_llm(self.cfg, self.tokenizer)
+        if self.cfg["model"]["llm"].get("gradient_checkpointing"):
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = EasyGen(llm, build_projector(self.cfg), tokenizer=self.tokenizer)
+        if self.feature_source != "extracted":
+            self.bidiffuser = build_bidiffuser(self.cfg)
+        self._set_trainable()
+        if self.cfg.get("init_from"):
+            self.load_weights(self.cfg["init_from"])
+        if self.device_mesh is not None:
+            from lit_modules.fsdp import shard_easygen
+
+            shard_easygen(self, self.device_mesh, self.cfg.get("strategy") or {})
+
+    def _set_trainable(self) -> None:
+        m = self.model
+        for p in m.parameters():
+            p.requires_grad_(False)
+        for p in m.projector.parameters():
+            p.requires_grad_(True)
+        if self.lora_cfg.get("enabled") and self.stage_cfg.get("train_llm"):
+            from easygen.lora import apply_lora
+
+            m.llm = apply_lora(
+                m.llm, r=int(self.lora_cfg["r"]), alpha=int(self.lora_cfg["alpha"]),
+                dropout=float(self.lora_cfg["dropout"]), target_modules=self.lora_cfg.get("target_modules", "all-linear"),
+            )
+        elif self.stage_cfg.get("train_llm"):
+            for p in m.llm.parameters():
+                p.requires_grad_(True)
+        if self.stage_cfg.get("train_lm_head") and not self.lora_cfg.get("enabled"):
+            for p in m.llm.get_output_embeddings().parameters():
+                p.requires_grad_(True)
+        m.llm.train(self.stage_cfg.get("train_llm", False))
+
+    def load_weights(self, path: str) -> None:
+        """Start from a previous stage's weights (a Lightning checkpoint or a state dict file)."""
+        from easygen.checkpoint import load_state_dict_file
+
+        if not Path(path).exists():
+            raise ConfigError(f"init_from={path} does not exist: set init_from to a checkpoint of an earlier stage")
+        sd = load_state_dict_file(path)
+        own = self.state_dict()
+        picked = {k: v for k, v in sd.items() if k in own and k.startswith("model.")}
+        if not picked:
+            raise ConfigError(f"init_from={path} holds no weights of this model (expected keys under 'model.')")
+        bad = [k for k, v in picked.items() if own[k].shape != v.shape]
+        if bad:
+            raise ConfigError(f"init_from={path}: shapes differ for {bad[:5]}")
+        self.load_state_dict(picked, strict=False)
+        log.info("loaded %d tensors from %s", len(picked), path)
+
+    # -- features -------------------------------------------------------------------------------
+    def image_features(self, batch: dict) -> torch.Tensor | None:
+        if not bool(batch["has_image"].any()):
+            return None
+        if batch.get("features") is not None and self.feature_source in ("auto", "extracted"):
+            return batch["features"]
+        if self.feature_source == "extracted":
+            raise ConfigError(
+                "stage.feature_source=extracted but the shards carry no features: run stage=extract "
+                "and point data.* at its output, or set stage.feature_source=on_the_fly"
+            )
+        with torch.no_grad():
+            if self.feature_source == "captions" and batch.get("feature_texts"):
+                return self.bidiffuser.text_features(batch["feature_texts"])
+            if batch.get("images") is None:
+                raise ValueError(f"batch {batch['ids'][:3]}...: image samples carry neither features nor pixels")
+            return self.bidiffuser.i2t_features(batch["images"])
+
+    # -- steps ----------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        feats = self.image_features(batch)
+        out = self.model(
+            batch["input_ids"], batch["attention_mask"], labels=batch["labels"], features=feats,
+            image_positions=batch["image_positions"], has_image=batch["has_image"],
+        )
+        bs = batch["input_ids"].shape[0]
+        self.last_batch_size = bs
+        self.last_num_tokens = int(batch["attention_mask"].sum())
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        return self.predict_captions(batch)
+
+    def test_step(self, batch, batch_idx):
+        return self.predict_captions(batch)
+
+    @torch.no_grad()
+    def predict_captions(self, batch, max_new_tokens: int | None = None, num_beams: int | None = None):
+        feats = self.image_features(batch)
+        texts = self.model.generate(
+            batch["input_ids"], batch["attention_mask"], features=feats,
+            image_positions=batch["image_positions"], has_image=batch["has_image"],
+            max_new_tokens=int(max_new_tokens or self.stage_cfg.get("max_new_tokens", 24)),
+            num_beams=int(num_beams or self.stage_cfg.get("num_beams", 1)),
+        )
+        return {"ids": list(batch["ids"]), "predictions": texts, "references": batch["references"]}
+
+    def generate_images(self, prompts: list[str]):
+        if self.bidiffuser is None:
+            raise RuntimeError("text-to-image needs the BiDiffuser (stage.feature_source is 'extracted')")
+        return self.bidiffuser.generate(prompts)
+
+    def flops_per_sample(self) -> float:
+        seq = max(1, self.last_num_tokens // max(1, self.last_batch_size))
+        return float(self.model.flops_per_token(seq_len=seq, training=True)) * seq
+
+    # -- optimisation and checkpoints -------------------------------------------------------------
+    def configure_optimizers(self):
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        return build_optimizer(self.trainer.model.named_parameters(), self.cfg["optim"], int(total))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # keep what was trained: the projector, LoRA adapters or the LLM; frozen parts load from their sources
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def export_artifacts(self, out: Path) -> dict:
+        return {}

@@ -1,0 +1,61 @@
+"""FSDP2 sharding (`strategy=fsdp`): `fully_shard` per transformer block — LLM decoder layers, U-ViT
+blocks — then the remaining modules, called from each LightningModule's `configure_model` with the
+device mesh Lightning's ModelParallelStrategy provides. Frozen modules are sharded without gradients.
+Modules that are called on their own (the token embedding, the projector) get their own FSDP unit so
+their parameters are gathered whenever they run, in training and in generation alike."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _policy(strategy_cfg: dict, device_type: str):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device_type != "cuda":
+        return MixedPrecisionPolicy()  # CPU (gloo): fp32 throughout
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    return MixedPrecisionPolicy(
+        param_dtype=dt[str(strategy_cfg.get("param_dtype", "bfloat16"))],
+        reduce_dtype=dt[str(strategy_cfg.get("reduce_dtype", "float32"))],
+    )
+
+
+def _checkpoint(block: nn.Module) -> nn.Module:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    return checkpoint_wrapper(block)
+
+
+def _mesh(device_mesh):
+    return device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+
+
+def shard_blocks(blocks: nn.ModuleList, root: nn.Module, device_mesh, strategy_cfg: dict, extra_units=()) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _mesh(device_mesh)
+    kw = dict(mesh=mesh, mp_policy=_policy(strategy_cfg, mesh.device_type),
+              reshard_after_forward=bool(strategy_cfg.get("reshard_after_forward", True)))
+    if strategy_cfg.get("activation_checkpointing"):
+        for i in range(len(blocks)):
+            blocks[i] = _checkpoint(blocks[i])
+    for block in blocks:
+        fully_shard(block, **kw)
+    for unit in extra_units:
+        fully_shard(unit, **kw)
+    fully_shard(root, **kw)
+
+
+def shard_easygen(module, device_mesh, strategy_cfg: dict) -> None:
+    llm = module.model.llm
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    layers = base.model.layers
+    shard_blocks(layers, module.model, device_mesh, strategy_cfg,
+                 extra_units=(base.get_input_embeddings(), module.model.projector))
+
+
+def shard_uvit(uvit: nn.Module, device_mesh, strategy_cfg: dict) -> None:
+    # the U-ViT checkpoints its own blocks (UViTConfig.use_checkpoint)
+    shard_blocks(uvit.blocks, uvit, device_mesh, dict(strategy_cfg, activation_checkpointing=False))

@@ -1,0 +1,48 @@
+"""Shared fixtures: compose the real configs (conf/) and keep every run's files in a temp folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def compose(overrides=(), return_hydra_config=False):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hcompose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+SAFE_PATHS = ["paths.root_dir=/tmp/easygen-test", "paths.output_dir=/tmp/easygen-test/out",
+              "paths.work_dir=/tmp/easygen-test"]
+
+
+def compose_resolved(overrides=()):
+    """Compose with concrete paths and resolve every interpolation (required `???` keys stay missing)."""
+    cfg = compose([*SAFE_PATHS, *overrides])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    return cfg
+
+
+@pytest.fixture
+def run_env(tmp_path):
+    """Environment for subprocess runs of run.py: offline W&B, no hub, data and logs under tmp_path."""
+    env = dict(os.environ)
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("WANDB_API_KEY", None)
+    return env
