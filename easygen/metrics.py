@@ -1,0 +1,483 @@
+"""Evaluation metrics: COCO caption scores, VQAv2 accuracy, FID and CLIP score (SPEC §6).
+
+Captions follow the coco-caption protocol (Chen et al. 2015, "Microsoft COCO Captions: Data Collection
+and Evaluation Server"; code: pycocoevalcap): PTB-tokenise predictions and references with Stanford's
+PTBTokenizer, drop punctuation tokens, then BLEU-1..4 (Papineni et al. 2002, "closest" reference
+length), METEOR 1.5 (Denkowski & Lavie 2014), ROUGE-L (Lin 2004, beta 1.2) and CIDEr-D (Vedantam et
+al. 2015, sigma 6, clipped, x10). The scorers are pycocoevalcap's own classes; what differs is only the
+plumbing, which must not change a digit:
+
+- the PTB tokenizer runs once for references and predictions together (one JVM start instead of two;
+  it tokenises line by line with ``-preserveLines``, so the lines do not interact);
+- METEOR's JVM (which spends seconds loading its paraphrase table) starts before tokenisation, its
+  SCORE lines are streamed without waiting for each answer (pycocoevalcap does one round trip per
+  image), and it runs while BLEU, ROUGE-L and CIDEr are computed in Python.
+
+CIDEr's document frequencies come from the references of the scored set, so a whole evaluation set
+must be scored in one call, never per batch or per rank.
+
+VQA accuracy follows the official VQAv2 evaluation (GT-Vision-Lab/VQA, ``vqaEval.py``): answers are
+normalised (punctuation, number words, articles, contractions) and a prediction scores
+min(#matching humans / 3, 1) averaged over the 10 leave-one-out subsets of the 10 human answers.
+
+FID (Heusel et al. 2017) and CLIP score (Hessel et al. 2021) go through torchmetrics with weights
+from local paths only: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "caption_scores",
+    "ptb_tokenize",
+    "vqa_normalize",
+    "vqa_accuracy",
+    "vqa_scores",
+    "fid_score",
+    "clip_score",
+    "spice_models_available",
+]
+
+# ----------------------------------------------------------------------------------------------------
+# COCO caption metrics
+# ----------------------------------------------------------------------------------------------------
+
+# Tokens pycocoevalcap drops after PTB tokenisation (its PUNCTUATIONS list).
+_PTB_PUNCTUATION = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
+
+
+def _coco_dir() -> Path:
+    import pycocoevalcap
+
+    return Path(next(iter(pycocoevalcap.__path__)))
+
+
+def _check_inputs(
+    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
+) -> list[Hashable]:
+    """Validate the two dicts; return the ids in the order of ``references`` (pycocoevalcap's order)."""
+    missing_pred = [i for i in references if i not in predictions]
+    missing_ref = [i for i in predictions if i not in references]
+    if missing_pred or missing_ref:
+        raise ValueError(
+            "caption_scores: predictions and references must have the same ids; "
+            f"ids without a prediction: {missing_pred[:20]!r}"
+            f"{' ...' if len(missing_pred) > 20 else ''} ({len(missing_pred)}), "
+            f"ids without references: {missing_ref[:20]!r}"
+            f"{' ...' if len(missing_ref) > 20 else ''} ({len(missing_ref)})"
+        )
+    if not references:
+        raise ValueError("caption_scores: nothing to score (no ids)")
+    for i, refs in references.items():
+        if isinstance(refs, str) or not isinstance(refs, Sequence) or len(refs) == 0:
+            raise ValueError(
+                f"caption_scores: references[{i!r}] must be a non-empty list of str, got {refs!r}"
+            )
+        for r in refs:
+            if not isinstance(r, str):
+                raise ValueError(f"caption_scores: references[{i!r}] holds a non-str caption: {r!r}")
+        if not isinstance(predictions[i], str):
+            raise ValueError(f"caption_scores: predictions[{i!r}] must be a str, got {predictions[i]!r}")
+    return list(references)
+
+
+def ptb_tokenize(
+    references: Mapping[Hashable, Sequence[str]], predictions: Mapping[Hashable, str]
+) -> tuple[dict[Hashable, list[str]], dict[Hashable, list[str]]]:
+    """PTB-tokenise references and predictions in one Java call, as pycocoevalcap's PTBTokenizer.
+
+    Returns ``(gts, res)``: ``gts[id]`` the tokenised references, ``res[id] = [tokenised prediction]``,
+    both in the order of ``references``. Output is identical to calling pycocoevalcap's
+    ``PTBTokenizer().tokenize`` on each side separately.
+    """
+    ids = list(references)
+    owners = [(i, True) for i in ids for _ in references[i]] + [(i, False) for i in ids]
+    lines = [c.replace("\n", " ") for i in ids for c in references[i]] + [
+        predictions[i].replace("\n", " ") for i in ids
+    ]
+    jar = _coco_dir() / "tokenizer" / "stanford-corenlp-3.4.1.jar"
+    with tempfile.TemporaryDirectory(prefix="ptb_") as tmp:
+        path = Path(tmp) / "captions.txt"
+        path.write_bytes("\n".join(lines).encode())
+        cmd = [
+            "java",
+            "-cp",
+            str(jar),
+            "edu.stanford.nlp.process.PTBTokenizer",
+            "-preserveLines",
+            "-lowerCase",
+        ]
+        proc = subprocess.run([*cmd, str(path)], capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"PTBTokenizer failed (exit {proc.returncode}): {proc.stderr.decode()[-2000:]}")
+    out = proc.stdout.decode().split("\n")
+    # pycocoevalcap zips ids with lines and would silently drop the tail; we refuse instead.
+    if len(out) < len(lines):
+        raise RuntimeError(f"PTBTokenizer returned {len(out)} lines for {len(lines)} captions")
+    gts: dict[Hashable, list[str]] = {i: [] for i in ids}
+    res: dict[Hashable, list[str]] = {i: [] for i in ids}
+    for (i, is_ref), line in zip(owners, out):
+        tokens = " ".join(w for w in line.rstrip().split(" ") if w not in _PTB_PUNCTUATION)
+        (gts if is_ref else res)[i].append(tokens)
+    return gts, res
+
+
+class _Meteor:
+    """METEOR 1.5 in ``-stdio`` mode, the same command and line protocol as pycocoevalcap's ``Meteor``.
+
+    Differs only in streaming: all SCORE lines go out from a writer thread while the answers are read,
+    instead of one blocking round trip per image.
+    """
+
+    def __init__(self) -> None:
+        meteor_dir = _coco_dir() / "meteor"
+        cmd = ["java", "-jar", "-Xmx2G", "meteor-1.5.jar", "-", "-", "-stdio", "-l", "en", "-norm"]
+        self.proc = subprocess.Popen(
+            cmd, cwd=meteor_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        # Drain stderr so a chatty JVM can never block on a full pipe.
+        self._stderr: list[bytes] = []
+        self._err_thread = threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True)
+        self._err_thread.start()
+
+    def _readline(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=10)
+            raise RuntimeError(
+                f"METEOR exited early (code {self.proc.returncode}): {b''.join(self._stderr).decode()[-2000:]}"
+            )
+        return line.decode().strip()
+
+    def compute_score(self, gts: Mapping, res: Mapping) -> tuple[float, list[float]]:
+        ids = list(gts)
+        score_lines = []
+        for i in ids:
+            hyp = res[i][0].replace("|||", "").replace("  ", " ")
+            score_lines.append(" ||| ".join(("SCORE", " ||| ".join(gts[i]), hyp)) + "\n")
+
+        def write() -> None:
+            self.proc.stdin.write("".join(score_lines).encode())
+            self.proc.stdin.flush()
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        stats = [self._readline() for _ in ids]
+        writer.join()
+        eval_line = "EVAL" + "".join(f" ||| {s}" for s in stats)
+        self.proc.stdin.write(f"{eval_line}\n".encode())
+        self.proc.stdin.flush()
+        scores = [float(self._readline()) for _ in ids]
+        return float(self._readline()), scores
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.kill()
+        self.proc.wait()
+
+
+def spice_models_available() -> bool:
+    """Whether SPICE's Stanford CoreNLP 3.6.0 jars are on disk (pycocoevalcap downloads them otherwise)."""
+    lib = _coco_dir() / "spice" / "lib"
+    return (lib / "stanford-corenlp-3.6.0.jar").is_file() and (
+        lib / "stanford-corenlp-3.6.0-models.jar"
+    ).is_file()
+
+
+def caption_scores(
+    predictions: Mapping[Hashable, str],
+    references: Mapping[Hashable, Sequence[str]],
+    *,
+    tokenize: bool = True,
+    spice: bool = False,
+) -> dict[str, float]:
+    """COCO caption metrics of a whole evaluation set, identical to pycocoevalcap's.
+
+    Args:
+        predictions: id -> generated caption.
+        references: id -> reference captions (at least one). Scoring follows this dict's id order,
+            as pycocoevalcap follows its ``gts`` order (the order changes float sums in the last digit).
+        tokenize: PTB-tokenise both sides first (the COCO protocol). ``False`` scores the strings as
+            whitespace-separated tokens (nlg-eval's convention).
+        spice: also compute SPICE; needs Stanford CoreNLP 3.6.0 in pycocoevalcap's ``spice/lib``
+            (never downloaded here: a ``FileNotFoundError`` says where to put it).
+
+    Returns:
+        ``{"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"[, "SPICE"]}`` as floats.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    ids = _check_inputs(predictions, references)
+    if spice and not spice_models_available():
+        raise FileNotFoundError(
+            "SPICE needs stanford-corenlp-3.6.0.jar and stanford-corenlp-3.6.0-models.jar in "
+            f"{_coco_dir() / 'spice' / 'lib'} (from stanford-corenlp-full-2015-12-09.zip); "
+            "they are not downloaded at run time. Call with spice=False to skip SPICE."
+        )
+    # Start METEOR's JVM first: loading its paraphrase table overlaps with tokenisation.
+    meteor = _Meteor()
+    try:
+        if tokenize:
+            gts, res = ptb_tokenize(references, predictions)
+        else:
+            gts = {i: list(references[i]) for i in ids}
+            res = {i: [predictions[i]] for i in ids}
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            meteor_future = pool.submit(meteor.compute_score, gts, res)
+            scores: dict[str, float] = {}
+            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            for n, value in enumerate(bleu, start=1):
+                scores[f"Bleu_{n}"] = float(value)
+            rouge, _ = Rouge().compute_score(gts, res)
+            cider, _ = Cider().compute_score(gts, res)
+            scores["METEOR"] = float(meteor_future.result()[0])
+        scores["ROUGE_L"] = float(rouge)
+        scores["CIDEr"] = float(cider)
+    finally:
+        meteor.close()
+    if spice:
+        from pycocoevalcap.spice.spice import Spice
+
+        scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
+    return {
+        k: scores[k]
+        for k in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+        if k in scores
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# VQAv2 accuracy
+# ----------------------------------------------------------------------------------------------------
+
+# The official table, quirks included: most right-hand sides use the typographic apostrophe, and the
+# capitalised keys ("Im", "Ive", ...) can never match because words are lower-cased first.
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn’t’ve", "couldnt’ve": "couldn’t’ve", "didnt": "didn’t", "doesnt": "doesn’t",
+    "dont": "don’t", "hadnt": "hadn’t", "hadnt’ve": "hadn’t’ve", "hadn'tve": "hadn’t’ve",
+    "hasnt": "hasn’t", "havent": "haven’t", "hed": "he’d", "hed’ve": "he’d’ve", "he’dve": "he’d’ve",
+    "hes": "he’s", "howd": "how’d", "howll": "how’ll", "hows": "how’s", "Id’ve": "I’d’ve",
+    "I’dve": "I’d’ve", "Im": "I’m", "Ive": "I’ve", "isnt": "isn’t", "itd": "it’d", "itd’ve": "it’d’ve",
+    "it’dve": "it’d’ve", "itll": "it’ll", "let’s": "let’s", "maam": "ma’am", "mightnt": "mightn’t",
+    "mightnt’ve": "mightn’t’ve", "mightn’tve": "mightn’t’ve", "mightve": "might’ve", "mustnt": "mustn’t",
+    "mustve": "must’ve", "neednt": "needn’t", "notve": "not’ve", "oclock": "o’clock", "oughtnt": "oughtn’t",
+    "ow’s’at": "’ow’s’at", "’ows’at": "’ow’s’at", "’ow’sat": "’ow’s’at", "shant": "shan’t",
+    "shed’ve": "she’d’ve", "she’dve": "she’d’ve", "she’s": "she’s", "shouldve": "should’ve",
+    "shouldnt": "shouldn’t", "shouldnt’ve": "shouldn’t’ve", "shouldn’tve": "shouldn’t’ve",
+    "somebody’d": "somebodyd", "somebodyd’ve": "somebody’d’ve", "somebody’dve": "somebody’d’ve",
+    "somebodyll": "somebody’ll", "somebodys": "somebody’s", "someoned": "someone’d",
+    "someoned’ve": "someone’d’ve", "someone’dve": "someone’d’ve", "someonell": "someone’ll",
+    "someones": "someone’s", "somethingd": "something’d", "somethingd’ve": "something’d’ve",
+    "something’dve": "something’d’ve", "somethingll": "something’ll", "thats": "that’s",
+    "thered": "there’d", "thered’ve": "there’d’ve", "there’dve": "there’d’ve", "therere": "there’re",
+    "theres": "there’s", "theyd": "they’d", "theyd’ve": "they’d’ve", "they’dve": "they’d’ve",
+    "theyll": "they’ll", "theyre": "they’re", "theyve": "they’ve", "twas": "’twas", "wasnt": "wasn’t",
+    "wed’ve": "we’d’ve", "we’dve": "we’d’ve", "weve": "we've", "werent": "weren’t", "whatll": "what’ll",
+    "whatre": "what’re", "whats": "what’s", "whatve": "what’ve", "whens": "when’s", "whered": "where’d",
+    "wheres": "where's", "whereve": "where’ve", "whod": "who’d", "whod’ve": "who’d’ve",
+    "who’dve": "who’d’ve", "wholl": "who’ll", "whos": "who’s", "whove": "who've", "whyll": "why’ll",
+    "whyre": "why’re", "whys": "why’s", "wont": "won’t", "wouldve": "would’ve", "wouldnt": "wouldn’t",
+    "wouldnt’ve": "wouldn’t’ve", "wouldn’tve": "wouldn’t’ve", "yall": "y’all", "yall’ll": "y’all’ll",
+    "y’allll": "y’all’ll", "yall’d’ve": "y’all’d’ve", "y’alld’ve": "y’all’d’ve", "y’all’dve": "y’all’d’ve",
+    "youd": "you’d", "youd’ve": "you’d’ve", "you’dve": "you’d’ve", "youll": "you’ll", "youre": "you’re",
+    "youve": "you’ve",
+}  # fmt: skip
+_NUMBER_WORDS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
+_ARTICLES = frozenset({"a", "an", "the"})
+_PUNCT = [";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@", "`", ",", "?"]
+# The official pattern, verbatim in behaviour: "(?!<=\d)" is a (mistyped) lookahead, so in effect a
+# period is removed unless a digit follows it ("2.5" keeps its point).
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+
+
+def _vqa_punctuation(text: str) -> str:
+    out = text
+    for p in _PUNCT:
+        # A mark touching a space (or any "1,000"-style number in the answer) is deleted; one inside a
+        # word becomes a space ("black/white" -> "black white").
+        if p + " " in text or " " + p in text or _COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    # The official code passes re.UNICODE (= 32) as the positional ``count``: at most 32 periods go.
+    return _PERIOD_STRIP.sub("", out, count=int(re.UNICODE))
+
+
+def _vqa_digits_articles(text: str) -> str:
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in _ARTICLES]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
+
+
+def vqa_normalize(answer: str) -> str:
+    """The VQAv2 answer normalisation: whitespace, punctuation, number words, articles, contractions."""
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    return _vqa_digits_articles(_vqa_punctuation(answer))
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQAv2 accuracy of one prediction against the human answers (normally 10).
+
+    ``mean over i of min(#{j != i : answers[j] == prediction} / 3, 1)``: the official average over the
+    leave-one-out subsets. Unlike the official script, which trusts the annotation file's answers to be
+    normalised already, both sides are normalised here, so raw answers from any source compare fairly
+    (on VQAv2's own annotations the result is the same).
+    """
+    if isinstance(answers, str) or len(answers) == 0:
+        raise ValueError(f"vqa_accuracy: answers must be a non-empty list of str, got {answers!r}")
+    pred = vqa_normalize(prediction)
+    gts = [vqa_normalize(a) for a in answers]
+    matches = sum(g == pred for g in gts)
+    # Leaving out answer i removes one match exactly when answer i itself matches.
+    accs = [min(1.0, (matches - (g == pred)) / 3.0) for g in gts]
+    return sum(accs) / len(accs)
+
+
+def vqa_scores(
+    predictions: Mapping[Hashable, str], answers_by_id: Mapping[Hashable, Sequence[str]]
+) -> dict[str, float]:
+    """Mean VQAv2 accuracy over question ids: ``{"accuracy": float in [0, 1]}``."""
+    missing_pred = [i for i in answers_by_id if i not in predictions]
+    missing_ans = [i for i in predictions if i not in answers_by_id]
+    if missing_pred or missing_ans:
+        raise ValueError(
+            f"vqa_scores: ids without a prediction: {missing_pred[:20]!r} ({len(missing_pred)}), "
+            f"ids without answers: {missing_ans[:20]!r} ({len(missing_ans)})"
+        )
+    if not answers_by_id:
+        raise ValueError("vqa_scores: nothing to score (no ids)")
+    accs = [vqa_accuracy(predictions[i], answers_by_id[i]) for i in answers_by_id]
+    return {"accuracy": sum(accs) / len(accs)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text-to-image: FID and CLIP score
+# ----------------------------------------------------------------------------------------------------
+
+ImageBatch = torch.Tensor | Sequence  # uint8 (N, 3, H, W) tensor, or a list of PIL images
+
+
+def _to_uint8(images: ImageBatch, name: str) -> torch.Tensor:
+    """A batch of images as a uint8 (N, 3, H, W) tensor."""
+    import numpy as np
+
+    if isinstance(images, torch.Tensor):
+        x = images
+    else:
+        arrays = []
+        for k, im in enumerate(images):
+            a = np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im)
+            if a.ndim != 3 or a.shape[-1] != 3:
+                raise ValueError(f"{name}[{k}]: expected an RGB image (H, W, 3), got shape {a.shape}")
+            arrays.append(torch.from_numpy(a.copy()).permute(2, 0, 1))
+        if not arrays:
+            raise ValueError(f"{name}: no images")
+        x = torch.stack(arrays)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name}: expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        if x.is_floating_point() and x.min() >= 0 and x.max() <= 1:
+            x = (x * 255).round().to(torch.uint8)
+        else:
+            raise ValueError(f"{name}: expected uint8 images or floats in [0, 1], got {x.dtype}")
+    return x
+
+
+def _require_path(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} not found: {p} (weights are read from local paths only)")
+    return p
+
+
+def fid_score(
+    real_images: ImageBatch,
+    fake_images: ImageBatch,
+    inception_path: str | os.PathLike | torch.nn.Module,
+    *,
+    batch_size: int = 50,
+) -> float:
+    """Fréchet Inception Distance between two image sets, through torchmetrics.
+
+    ``inception_path`` is either the feature extractor itself (an ``nn.Module`` mapping uint8
+    (N, 3, H, W) images to (N, D) features) or the path of torch-fidelity's Inception weights
+    (``weights-inception-2015-12-05-6726825d.pth``, 2048-d pool features; needs torch-fidelity).
+    Images: uint8 (N, 3, H, W) tensors, floats in [0, 1], or lists of PIL images.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    real = _to_uint8(real_images, "real_images")
+    fake = _to_uint8(fake_images, "fake_images")
+    if isinstance(inception_path, torch.nn.Module):
+        fid = FrechetInceptionDistance(feature=inception_path.eval(), input_img_size=tuple(real.shape[1:]))
+    else:
+        weights = _require_path(inception_path, "Inception weights")
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                f"fid_score with weights file {weights} needs torch-fidelity's InceptionV3; install "
+                "torch-fidelity or pass the feature extractor as an nn.Module"
+            ) from e
+        fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights))
+    with torch.no_grad():
+        for start in range(0, len(real), batch_size):
+            fid.update(real[start : start + batch_size], real=True)
+        for start in range(0, len(fake), batch_size):
+            fid.update(fake[start : start + batch_size], real=False)
+        return float(fid.compute())
+
+
+def _local_clip_loader(clip_path: str | os.PathLike) -> Callable[[], tuple]:
+    path = _require_path(clip_path, "CLIP model folder")
+
+    def load() -> tuple:
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+        processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        return model, processor
+
+    return load
+
+
+def clip_score(
+    images: ImageBatch, texts: Sequence[str], clip_path: str | os.PathLike, *, batch_size: int = 32
+) -> float:
+    """CLIP score, ``100 * mean(max(cos(image, text), 0))``, through torchmetrics' ``CLIPScore``.
+
+    ``clip_path`` is a local folder saved by ``CLIPModel.save_pretrained`` together with its
+    ``CLIPProcessor`` (e.g. a copy of openai/clip-vit-large-patch14).
+    """
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    if isinstance(texts, str):
+        raise ValueError("clip_score: texts must be a list of str, one per image")
+    x = _to_uint8(images, "images")
+    if len(x) != len(texts):
+        raise ValueError(f"clip_score: {len(x)} images but {len(texts)} texts")
+    metric = CLIPScore(model_name_or_path=_local_clip_loader(clip_path))
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            metric.update(list(x[start : start + batch_size]), list(texts[start : start + batch_size]))
+        return float(metric.compute())
