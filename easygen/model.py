@@ -69,13 +69,16 @@ class EasyGen(nn.Module):
         features=None,
         image_positions=None,
         has_image=None,
+        position_ids=None,
         **llm_kwargs,
     ):
         embeds = self.embed(input_ids, features, image_positions, has_image)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
         return self.llm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            position_ids=position_ids,
             labels=labels,
             use_cache=False,
             **llm_kwargs,
