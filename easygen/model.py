@@ -161,7 +161,12 @@ class EasyGen(nn.Module):
         proj = [p for p in self.projector.parameters() if p.requires_grad]
         if proj:
             groups.append(
-                {"name": "projector", "params": proj, "lr": projector_lr or lr, "weight_decay": weight_decay}
+                {
+                    "name": "projector",
+                    "params": proj,
+                    "lr": projector_lr if projector_lr is not None else lr,
+                    "weight_decay": weight_decay,
+                }
             )
         decay, no_decay = [], []
         for name, p in self.llm.named_parameters():

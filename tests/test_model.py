@@ -246,3 +246,32 @@ def test_t5_mid_align():
     assert all(p.grad is not None for p in m.projector.parameters())
     gen = m.generate(ids, mask, features=feats, max_new_tokens=3)
     assert gen.shape[0] == 2
+
+
+def test_other_decoder_only_llm_and_on_the_fly_images(tok):
+    """Any causal LM works (GPT-2 here); samples carrying raw images are batched for on-the-fly features."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    ).eval()
+    model = EasyGen(gpt2, Projector(FEAT, 64, 32), tokenizer=tok).eval()
+    batch = EasyGenCollator(tok, num_image_tokens=N_IMG)(_samples())
+    keys = ("input_ids", "attention_mask", "labels", "features", "image_positions", "has_image")
+    with torch.no_grad():
+        out = model(**{k: batch[k] for k in keys})
+        emb = _manual_embeds(model, batch)
+        for b in range(3):
+            n = int(batch["attention_mask"][b].sum())
+            alone = gpt2(inputs_embeds=emb[b : b + 1, :n]).logits
+            torch.testing.assert_close(out.logits[b : b + 1, :n], alone, rtol=0, atol=1e-5)
+
+    samples = [
+        dict(s, features=None, image=torch.full((3, 8, 8), float(i))) for i, s in enumerate(_samples())
+    ]
+    samples[1]["image"] = None
+    images = EasyGenCollator(tok, num_image_tokens=N_IMG)(samples)
+    assert images["features"] is None and images["images"].shape == (2, 3, 8, 8)
+    assert images["images"][1, 0, 0, 0].item() == 2.0  # the rows of the samples that have images, in order
+    assert images["has_image"].tolist() == [True, False, True]
