@@ -102,7 +102,7 @@ class BiDiffuserModule(pl.LightningModule):
         loss = losses["loss"]
         bs = batch["images"].shape[0]
         if s.get("train_caption_decoder"):
-            dec_loss = pipe.caption_decoder.caption_loss(batch["captions"], y0)
+            dec_loss = self.caption_decoder_loss(batch["captions"], clip_text)
             loss = loss + dec_loss
             self.log("train/loss_caption_decoder", dec_loss, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -110,6 +110,19 @@ class BiDiffuserModule(pl.LightningModule):
         self.log("train/loss_text", losses["loss_text"], batch_size=bs)
         self.last_batch_size = bs
         return loss
+
+    def caption_decoder_loss(self, captions: list[str], clip_text: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced loss of the caption decoder on the captions it should recover from their latents."""
+        dec = self.bidiffuser.caption_decoder
+        tok = dec.tokenizer
+        ids = [tok(c, add_special_tokens=False)["input_ids"][: 60] + [dec.eos_token_id] for c in captions]
+        width = max(len(x) for x in ids)
+        tokens = torch.zeros(len(ids), width, dtype=torch.long, device=clip_text.device)
+        mask = torch.zeros_like(tokens)
+        for i, x in enumerate(ids):
+            tokens[i, : len(x)] = torch.tensor(x, device=tokens.device)
+            mask[i, : len(x)] = 1
+        return dec(tokens, clip_text, mask)
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

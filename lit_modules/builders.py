@@ -106,6 +106,7 @@ def build_bidiffuser(cfg: dict, device: str | torch.device | None = None):
 
     b = cfg["model"]["bidiffuser"]
     sampler = dict(b.get("sampler") or {})
+    sample_seed = int(sampler.pop("seed", 1234))  # the sampler's seed; `seed` below builds tiny weights
     preset = b["preset"]
     if preset == "tiny":
         pipe = BiDiffuser.tiny(tiny_corpus(), seed=int(cfg.get("seed", 0)), image_size=int(cfg["model"]["image_size"]), **sampler)
@@ -117,6 +118,7 @@ def build_bidiffuser(cfg: dict, device: str | torch.device | None = None):
         pipe = BiDiffuser.from_paths(**paths, uvit_config=dict(b.get("uvit_config") or {}), **sampler)
     else:
         raise ConfigError(f"model.bidiffuser.preset={preset!r}: choose tiny|v1|v1-random")
+    pipe.seed = sample_seed
     if b.get("weights"):
         from easygen.checkpoint import load_state_dict_file
 

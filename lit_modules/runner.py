@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lit_modules.errors import ConfigError
 
@@ -22,8 +22,8 @@ log = logging.getLogger("easygen")
 # config helpers
 
 
-def container(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+def container(cfg):
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
 
 
 def hydra_choices() -> dict:
