@@ -12,6 +12,7 @@ Training batches are right-padded with labels; eval batches (``eval_mode=True``)
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from easygen.templates import (
     render,
     vqa_prompt,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _as_tensor(x, what: str, sample_id) -> torch.Tensor:
@@ -156,6 +159,13 @@ class EasyGenCollator:
                     f"(positions {enc.image_start}..{enc.image_start + enc.image_tokens - 1})"
                 )
             self.num_truncated += 1
+            log.warning(
+                "sample %s: %d tokens truncated to max_length=%d (%d samples truncated so far)",
+                sid,
+                len(ids),
+                self.max_length,
+                self.num_truncated,
+            )
             if self.eval_mode:
                 raise ValueError(
                     f"sample {sid}: the generation prompt has {len(ids)} tokens > max_length={self.max_length}"
