@@ -1,0 +1,274 @@
+"""The frozen image autoencoder of BiDiffuser: Stable Diffusion's KL-f8 VAE (SPEC §1-2).
+
+The network is diffusers' ``AutoencoderKL``, which is numerically the LDM autoencoder UniDiffuser
+ships as ``autoencoder_kl.pth`` (ch 128, ch_mult 1,2,4,4, two res blocks, z 4). That file uses the LDM
+key names, so this module carries the LDM <-> diffusers key map (the inverse is used to write LDM files,
+e.g. in tests). The helpers follow UniDiffuser's ``libs/autoencoder.py``:
+
+- ``encode_moments``: the encoder + ``quant_conv`` output, mean and log-variance stacked (``[B, 8, h, w]``);
+  this is what the BiDiffuser data pipeline stores per image;
+- ``sample_latent``: ``z = (mean + exp(logvar / 2) * eps) * 0.18215`` with logvar clamped to [-30, 20];
+- ``decode``: ``decoder(post_quant_conv(z / 0.18215))``, images in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+from easygen.checkpoint import load_state_dict_file
+
+SCALE_FACTOR = 0.18215
+
+# LDM training checkpoints also carry the discriminator/LPIPS weights of the VAE loss; they are not
+# part of the network.
+_IGNORED_LDM_PREFIXES = ("loss.",)
+
+_ATTN_LDM_TO_DIFFUSERS = {
+    "norm": "group_norm",
+    "q": "to_q",
+    "k": "to_k",
+    "v": "to_v",
+    "proj_out": "to_out.0",
+}
+_ATTN_DIFFUSERS_TO_LDM = {v: k for k, v in _ATTN_LDM_TO_DIFFUSERS.items()}
+_RESNET_LDM_TO_DIFFUSERS = {"nin_shortcut": "conv_shortcut"}
+_RESNET_DIFFUSERS_TO_LDM = {"conv_shortcut": "nin_shortcut"}
+
+
+def _resnet_param(rest: str, table: dict[str, str]) -> str:
+    head, _, tail = rest.partition(".")
+    return f"{table.get(head, head)}.{tail}"
+
+
+def ldm_to_diffusers_key(key: str, num_levels: int) -> str:
+    """Map one LDM autoencoder key to its diffusers ``AutoencoderKL`` name.
+
+    ``num_levels`` is the number of resolutions (4 for KL-f8): LDM numbers the decoder's ``up`` levels
+    from the highest resolution, diffusers' ``up_blocks`` from the lowest.
+    """
+    if key.startswith(("quant_conv.", "post_quant_conv.")):
+        return key
+    m = re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)", key)
+    if m:
+        return key
+    m = re.fullmatch(r"(encoder|decoder)\.norm_out\.(weight|bias)", key)
+    if m:
+        return f"{m[1]}.conv_norm_out.{m[2]}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(.+)", key)
+    if m:
+        return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_resnet_param(m[3], _RESNET_LDM_TO_DIFFUSERS)}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)", key)
+    if m:
+        return f"{m[1]}.mid_block.attentions.0.{_ATTN_LDM_TO_DIFFUSERS[m[2]]}.{m[3]}"
+    m = re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", key)
+    if m:
+        return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_resnet_param(m[3], _RESNET_LDM_TO_DIFFUSERS)}"
+    m = re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv\.(weight|bias)", key)
+    if m:
+        return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
+    m = re.fullmatch(r"decoder\.up\.(\d+)\.block\.(\d+)\.(.+)", key)
+    if m:
+        level = num_levels - 1 - int(m[1])
+        return f"decoder.up_blocks.{level}.resnets.{m[2]}.{_resnet_param(m[3], _RESNET_LDM_TO_DIFFUSERS)}"
+    m = re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)", key)
+    if m:
+        return f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
+    raise KeyError(f"not an LDM autoencoder key: {key!r}")
+
+
+def diffusers_to_ldm_key(key: str, num_levels: int) -> str:
+    """Inverse of :func:`ldm_to_diffusers_key`."""
+    if key.startswith(("quant_conv.", "post_quant_conv.")):
+        return key
+    m = re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)", key)
+    if m:
+        return key
+    m = re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(weight|bias)", key)
+    if m:
+        return f"{m[1]}.norm_out.{m[2]}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(.+)", key)
+    if m:
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_resnet_param(m[3], _RESNET_DIFFUSERS_TO_LDM)}"
+    m = re.fullmatch(
+        r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)",
+        key,
+    )
+    if m:
+        return f"{m[1]}.mid.attn_1.{_ATTN_DIFFUSERS_TO_LDM[m[2]]}.{m[3]}"
+    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key)
+    if m:
+        return f"encoder.down.{m[1]}.block.{m[2]}.{_resnet_param(m[3], _RESNET_DIFFUSERS_TO_LDM)}"
+    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key)
+    if m:
+        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key)
+    if m:
+        level = num_levels - 1 - int(m[1])
+        return f"decoder.up.{level}.block.{m[2]}.{_resnet_param(m[3], _RESNET_DIFFUSERS_TO_LDM)}"
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", key)
+    if m:
+        return f"decoder.up.{num_levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
+    raise KeyError(f"not a diffusers AutoencoderKL key: {key!r}")
+
+
+def _is_attn_matrix(diffusers_key: str) -> bool:
+    return bool(re.search(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$", diffusers_key))
+
+
+def ldm_to_diffusers_state_dict(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+    """Rename an LDM state dict; the mid-block attention's 1x1 convs become Linear weights."""
+    out = {}
+    for key, value in sd.items():
+        new = ldm_to_diffusers_key(key, num_levels)
+        if _is_attn_matrix(new):
+            if value.ndim != 4 or value.shape[2:] != (1, 1):
+                raise ValueError(f"{key}: expected a 1x1 conv weight [C, C, 1, 1], got {tuple(value.shape)}")
+            value = value[:, :, 0, 0]
+        out[new] = value
+    return out
+
+
+def diffusers_to_ldm_state_dict(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+    """Rename a diffusers ``AutoencoderKL`` state dict to LDM names (Linear -> 1x1 conv in attention)."""
+    out = {}
+    for key, value in sd.items():
+        if _is_attn_matrix(key):
+            value = value[:, :, None, None]
+        out[diffusers_to_ldm_key(key, num_levels)] = value
+    return out
+
+
+def _config_from_ldm(sd: dict[str, torch.Tensor], source: str, norm_num_groups: int | None = None) -> dict:
+    """Read the AutoencoderKL architecture off an LDM state dict's shapes."""
+    try:
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        in_channels = sd["encoder.conv_in.weight"].shape[1]
+        out_channels = sd["decoder.conv_out.weight"].shape[0]
+        latent_channels = sd["post_quant_conv.weight"].shape[0]
+    except KeyError as err:
+        raise ValueError(f"{source}: not an LDM autoencoder state dict (missing {err.args[0]})") from None
+    levels = sorted({int(m[1]) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.block\.", k))})
+    blocks = {int(m[1]) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    if not levels or levels != list(range(len(levels))) or not blocks:
+        raise ValueError(f"{source}: cannot read the encoder levels from keys encoder.down.<i>.block.<j>")
+    widths = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels)
+    # The GroupNorm group count is not in the weights: SD uses 32 everywhere.
+    if norm_num_groups is None:
+        if any(w % 32 for w in (ch, *widths)):
+            raise ValueError(
+                f"{source}: channel widths {widths} are not multiples of 32 (SD's GroupNorm groups); "
+                f"pass norm_num_groups"
+            )
+        norm_num_groups = 32
+    return dict(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(levels),
+        up_block_types=("UpDecoderBlock2D",) * len(levels),
+        block_out_channels=widths,
+        layers_per_block=len(blocks),
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        scaling_factor=SCALE_FACTOR,
+    )
+
+
+def tiny_autoencoder(seed: int = 0) -> AutoencoderKL:
+    """A random KL autoencoder with the real topology (4 levels, factor 8, 4 latent channels), tiny widths."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=64,
+            scaling_factor=SCALE_FACTOR,
+        )
+    return vae
+
+
+def load_ldm_autoencoder(path: str | Path, norm_num_groups: int | None = None) -> AutoencoderKL:
+    """Load an LDM-named checkpoint (``autoencoder_kl.pth``) into a diffusers ``AutoencoderKL``."""
+    path = Path(path)
+    sd = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(_IGNORED_LDM_PREFIXES)}
+    config = _config_from_ldm(sd, str(path), norm_num_groups)
+    num_levels = len(config["block_out_channels"])
+    unknown = []
+    for key in sd:
+        try:
+            ldm_to_diffusers_key(key, num_levels)
+        except KeyError:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{path}: unexpected keys for an LDM autoencoder: {sorted(unknown)}")
+    converted = ldm_to_diffusers_state_dict(sd, num_levels)
+    vae = AutoencoderKL(**config)
+    expected = set(vae.state_dict())
+    missing, unexpected = sorted(expected - set(converted)), sorted(set(converted) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: LDM autoencoder does not match AutoencoderKL{config['block_out_channels']}: "
+            f"missing {missing}, unexpected {unexpected}"
+        )
+    vae.load_state_dict(converted, strict=True)
+    return vae
+
+
+def load_autoencoder(
+    path: str | Path | None = None, tiny: bool = False, norm_num_groups: int | None = None
+) -> AutoencoderKL:
+    """The frozen VAE: a diffusers ``vae/`` folder, an LDM ``.pth``/``.safetensors`` file, or the tiny preset.
+
+    ``norm_num_groups`` only matters for LDM files whose widths are not multiples of SD's 32 groups.
+    """
+    if tiny:
+        if path is not None:
+            raise ValueError("load_autoencoder: give either a path or tiny=True, not both")
+        vae = tiny_autoencoder()
+    else:
+        if path is None:
+            raise ValueError("load_autoencoder: a path (diffusers vae/ folder or LDM checkpoint) is required")
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"autoencoder checkpoint not found: {path}")
+        if path.is_dir():
+            vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+        else:
+            vae = load_ldm_autoencoder(path, norm_num_groups=norm_num_groups)
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+def encode_moments(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1], ``[B, 3, H, W]`` -> moments ``[B, 2 * latent, H/8, W/8]`` (mean, logvar)."""
+    if images.ndim != 4 or images.shape[1] != vae.config.in_channels:
+        raise ValueError(
+            f"encode_moments: expected images [B, {vae.config.in_channels}, H, W], got {tuple(images.shape)}"
+        )
+    moments = vae.encoder(images)
+    return vae.quant_conv(moments) if vae.quant_conv is not None else moments
+
+
+def sample_latent(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw ``z ~ N(mean, exp(logvar))`` and scale it by 0.18215 (UniDiffuser's ``sample``)."""
+    mean, logvar = moments.chunk(2, dim=1)
+    logvar = logvar.clamp(-30.0, 20.0)
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + torch.exp(0.5 * logvar) * eps) * SCALE_FACTOR
+
+
+def decode(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (as :func:`sample_latent` returns) -> images in [-1, 1] (unclamped)."""
+    z = z / SCALE_FACTOR
+    if vae.post_quant_conv is not None:
+        z = vae.post_quant_conv(z)
+    return vae.decoder(z)
