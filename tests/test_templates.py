@@ -255,3 +255,17 @@ def test_legacy_and_nonlegacy_tokenise_differently_but_mask_right(sp_model):
     for t in (legacy, modern):
         runs = _learned_runs(EasyGenCollator(t, num_image_tokens=N_IMG)([_samples()[2]])["labels"][0])
         assert [t.decode(r[:-1]).strip() for r in runs] == ["two cats", "blue"]
+
+
+def test_seeded_prompt_and_caption_choice(tok):
+    sample = _samples()[0]
+
+    def draws(seed):
+        collator = EasyGenCollator(tok, num_image_tokens=N_IMG, seed=seed)
+        return [tuple(collator([sample])["input_ids"][0].tolist()) for _ in range(12)]
+
+    assert draws(3) == draws(3)
+    assert draws(3) != draws(4)
+    texts = [tok.decode(ids) for ids in draws(3)]
+    assert len({t.split("</Img>")[1].split("ASSISTANT")[0] for t in texts}) > 1  # prompts vary
+    assert any("a brown dog" in t for t in texts) and any("a dog on the sofa" in t for t in texts)
