@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 from lit_modules.builders import build_bidiffuser
-from lit_modules.optim import build_optimizer
+from lit_modules.optim import build_optimizer, log_skipped
 
 
 def _stack_images(samples: list[dict]) -> torch.Tensor:
@@ -109,6 +109,7 @@ class BiDiffuserModule(pl.LightningModule):
         self.log("train/loss_img", losses["loss_img"], batch_size=bs)
         self.log("train/loss_text", losses["loss_text"], batch_size=bs)
         self.last_batch_size = bs
+        log_skipped(self)
         return loss
 
     def caption_decoder_loss(self, captions: list[str], clip_text: torch.Tensor) -> torch.Tensor:

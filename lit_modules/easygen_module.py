@@ -13,7 +13,7 @@ import torch
 
 from lit_modules.builders import build_bidiffuser, build_llm, build_llm_tokenizer, build_projector
 from lit_modules.errors import ConfigError
-from lit_modules.optim import build_optimizer
+from lit_modules.optim import build_optimizer, log_skipped
 
 log = logging.getLogger("easygen")
 
@@ -83,7 +83,9 @@ class EasyGenModule(pl.LightningModule):
             p.requires_grad_(False)
         for p in m.projector.parameters():
             p.requires_grad_(True)
-        if self.lora_cfg.get("enabled") and self.stage_cfg.get("train_llm"):
+        # eval/chat load adapters trained by instruct, so they apply LoRA too
+        uses_adapters = self.stage_cfg.get("train_llm") or self.stage_cfg.get("kind") in ("eval", "chat")
+        if self.lora_cfg.get("enabled") and uses_adapters:
             from easygen.lora import apply_lora
 
             m.llm = apply_lora(
@@ -144,6 +146,7 @@ class EasyGenModule(pl.LightningModule):
         self.last_batch_size = bs
         self.last_num_tokens = int(batch["attention_mask"].sum())
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        log_skipped(self)
         return out.loss
 
     def validation_step(self, batch, batch_idx):
@@ -182,5 +185,23 @@ class EasyGenModule(pl.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
+    def trained_state(self) -> dict:
+        """What this stage trained (projector, LoRA adapters or LLM), gathered to full tensors.
+        Every rank calls it under FSDP."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+            for k, v in self.state_dict().items() if k in trainable
+        }
+
     def export_artifacts(self, out: Path) -> dict:
-        return {}
+        """`easygen/trained.safetensors`: the trained weights, which the next stage's `init_from` reads."""
+        from easygen.checkpoint import save_state_dict_file
+
+        state = self.trained_state()
+        path = Path(out) / "easygen" / "trained.safetensors"
+        if self.trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_state_dict_file(state, path)
+            self.tokenizer.save_pretrained(str(path.parent / "tokenizer"))
+        return {"weights": str(path)}
