@@ -1,0 +1,145 @@
+"""Caption evaluation at the end of each validation epoch, scored once over the whole set (SPEC §6).
+
+Protocol with the LightningModule: ``validation_step(batch, batch_idx)`` returns a dict with ``ids``
+(list[str]), ``predictions`` (list[str]) and ``references`` (list[list[str]]), optionally ``images``
+(for the W&B sample table). The callback keeps them per rank, gathers every rank's list on rank 0's
+side with ``all_gather_object``, drops the duplicates Lightning's ``DistributedSampler`` adds to pad
+the last batch, scores the set once with ``easygen.metrics.caption_scores`` (CIDEr's document
+frequencies depend on the whole set, so per-rank scores averaged would be wrong), broadcasts the
+scores and logs ``<prefix>/CIDEr``, ``<prefix>/Bleu_4``, ... on every rank, so ``ModelCheckpoint``
+can monitor ``val/CIDEr`` under DDP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+from easygen.metrics import caption_scores, prewarm_meteor
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class CaptionEvalCallback(pl.Callback):
+    """Score generated captions with the COCO metrics after each (every ``every_n_epochs``-th) validation.
+
+    Attributes after an evaluation: ``last_scores`` (dict metric -> float) and ``last_predictions``
+    (dict id -> caption, the de-duplicated gathered set; filled on rank 0 only).
+    """
+
+    def __init__(
+        self, every_n_epochs: int = 1, prefix: str = "val", max_samples_table: int = 16, spice: bool = False
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.every_n_epochs = every_n_epochs
+        self.prefix = prefix
+        self.max_samples_table = max_samples_table
+        self.spice = spice
+        self.last_scores: dict[str, float] = {}
+        self.last_predictions: dict[str, str] = {}
+        self._records: list[tuple[str, str, list[str]]] = []
+        self._images: dict[str, Any] = {}
+
+    def _active(self, trainer: pl.Trainer) -> bool:
+        return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._records = []
+        self._images = {}
+        if self._active(trainer) and trainer.is_global_zero:
+            # METEOR's JVM loads its paraphrase table (~10 s) while the validation batches run.
+            prewarm_meteor()
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._active(trainer):
+            return
+        if not isinstance(outputs, dict) or not {"ids", "predictions", "references"} <= outputs.keys():
+            raise ValueError(
+                f"CaptionEvalCallback: validation_step (batch {batch_idx}) must return a dict with 'ids', "
+                f"'predictions' and 'references'; got {type(outputs).__name__}"
+                + (f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else "")
+            )
+        ids, preds, refs = outputs["ids"], outputs["predictions"], outputs["references"]
+        if not len(ids) == len(preds) == len(refs):
+            raise ValueError(
+                f"CaptionEvalCallback: batch {batch_idx} returned {len(ids)} ids, {len(preds)} predictions "
+                f"and {len(refs)} reference lists; they must match"
+            )
+        for i, p, r in zip(ids, preds, refs):
+            self._records.append((str(i), str(p), [str(x) for x in r]))
+        images = outputs.get("images")
+        if images is not None and trainer.is_global_zero:
+            for i, im in zip(ids, images):
+                if len(self._images) < self.max_samples_table:
+                    self._images[str(i)] = im.detach().cpu() if isinstance(im, torch.Tensor) else im
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active(trainer):
+            return
+        records = self._records
+        if _dist_ready():
+            gathered: list[list | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, records)
+            records = [r for rank_records in gathered for r in rank_records]
+        scores: dict[str, float] | None = None
+        if trainer.is_global_zero:
+            predictions: dict[str, str] = {}
+            references: dict[str, list[str]] = {}
+            for i, pred, refs in records:
+                # DistributedSampler pads by repeating samples: keep the first copy of each id.
+                if i not in predictions:
+                    predictions[i] = pred
+                    references[i] = refs
+            scores = caption_scores(predictions, references, spice=self.spice) if predictions else {}
+            self.last_predictions = predictions
+        if _dist_ready():
+            box = [scores]
+            dist.broadcast_object_list(box, src=0)
+            scores = box[0]
+        self.last_scores = dict(scores)
+        for name, value in self.last_scores.items():
+            pl_module.log(f"{self.prefix}/{name}", float(value), sync_dist=False, rank_zero_only=False)
+        if trainer.is_global_zero:
+            self._log_table(trainer, records)
+        self._records = []
+        self._images = {}
+
+    def _log_table(self, trainer: pl.Trainer, records: list[tuple[str, str, list[str]]]) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or self.max_samples_table <= 0:
+            return
+        import wandb
+
+        seen: set[str] = set()
+        rows = []
+        for i, pred, refs in records:
+            if i in seen:
+                continue
+            seen.add(i)
+            image = self._images.get(i)
+            rows.append([i, wandb.Image(image) if image is not None else None, pred, "\n".join(refs)])
+            if len(rows) >= self.max_samples_table:
+                break
+        for lg in loggers:
+            lg.log_table(
+                key=f"{self.prefix}/caption_samples",
+                columns=["id", "image", "prediction", "references"],
+                data=rows,
+                step=trainer.global_step,
+            )

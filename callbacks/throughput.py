@@ -1,0 +1,69 @@
+"""Training throughput and model FLOPs utilisation (MFU), SPEC §8.
+
+MFU = model FLOPs per second / peak FLOP/s (989e12: dense bf16 of one H100/H200 SXM), with the model
+FLOPs of a training sample (forward + backward, e.g. 6.986 TFLOP for BiDiffuser at 512²) reported by
+the LightningModule's ``flops_per_sample()``. The module sets ``last_batch_size`` (samples in this
+rank's step) and optionally ``last_num_tokens`` in ``training_step``. Rates are over a sliding window
+of ``window`` steps and summed over ranks (each rank runs its own batch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import lightning.pytorch as pl
+import torch
+
+
+class ThroughputCallback(pl.Callback):
+    """Log ``perf/samples_per_sec``, ``perf/tokens_per_sec`` and ``perf/mfu`` every training step."""
+
+    def __init__(self, window: int = 20, peak_flops: float = 989e12) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if peak_flops <= 0:
+            raise ValueError(f"peak_flops must be > 0, got {peak_flops}")
+        self.window = window
+        self.peak_flops = peak_flops
+        self._steps: deque[tuple[float, int, int]] = deque(maxlen=window)
+        self._start: float | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:
+            self._sync(pl_module)
+            self._start = time.perf_counter()
+
+    @staticmethod
+    def _sync(pl_module: pl.LightningModule) -> None:
+        # CUDA work is asynchronous: without a sync the clock measures kernel launches.
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        now = time.perf_counter()
+        batch_size = getattr(pl_module, "last_batch_size", None)
+        if batch_size is None:
+            raise AttributeError(
+                f"ThroughputCallback needs {type(pl_module).__name__}.last_batch_size set in training_step"
+            )
+        num_tokens = getattr(pl_module, "last_num_tokens", None)
+        self._steps.append((now - self._start, int(batch_size), int(num_tokens or 0)))
+        self._start = now
+        elapsed = sum(s[0] for s in self._steps)
+        if elapsed <= 0:
+            return
+        world = trainer.world_size
+        samples_per_sec = world * sum(s[1] for s in self._steps) / elapsed
+        metrics = {"perf/samples_per_sec": samples_per_sec}
+        if num_tokens is not None:
+            metrics["perf/tokens_per_sec"] = world * sum(s[2] for s in self._steps) / elapsed
+        flops_fn = getattr(pl_module, "flops_per_sample", None)
+        if callable(flops_fn):
+            # Peak is per device, throughput summed over devices.
+            metrics["perf/mfu"] = samples_per_sec * float(flops_fn()) / (self.peak_flops * world)
+        self.last_metrics = metrics
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False, rank_zero_only=True)
