@@ -67,12 +67,16 @@ class EasyGenCollator:
         num_image_tokens: int = 77,
         seed: int = 0,
         image_tokens_from_features: bool = True,
+        deferred_features: bool = False,
     ):
         self.tokenizer = tokenizer
         self.template = get_template(template)
         self.max_length = max_length
         self.num_image_tokens = num_image_tokens
         self.image_tokens_from_features = image_tokens_from_features
+        # The caller supplies the features of every image row itself (caption-as-image alignment, SPEC
+        # §4), so a sample may carry neither 'features' nor 'image'.
+        self.deferred_features = deferred_features
         self.rng = random.Random(seed)
         self.eval_mode = False
         self.num_truncated = 0
@@ -114,9 +118,8 @@ class EasyGenCollator:
             return conv, sample.get("captions")
         raise ValueError(f"sample {sid}: 'kind' must be 'caption', 'conversation' or 'vqa', got {kind!r}")
 
-    @staticmethod
-    def _has_visual(sample: dict) -> bool:
-        return sample.get("features") is not None or sample.get("image") is not None
+    def _has_visual(self, sample: dict) -> bool:
+        return self.deferred_features or sample.get("features") is not None or sample.get("image") is not None
 
     # -- one sample --------------------------------------------------------------------------
     def encode_sample(self, sample: dict):

@@ -269,3 +269,15 @@ def test_seeded_prompt_and_caption_choice(tok):
     texts = [tok.decode(ids) for ids in draws(3)]
     assert len({t.split("</Img>")[1].split("ASSISTANT")[0] for t in texts}) > 1  # prompts vary
     assert any("a brown dog" in t for t in texts) and any("a dog on the sofa" in t for t in texts)
+
+
+def test_deferred_features_mark_image_rows_without_features(tok):
+    samples = [
+        {"id": "c1", "kind": "caption", "captions": ["a dog"]},
+        {"id": "v1", "kind": "vqa", "question": "what?", "answers": ["dog"]},
+    ]
+    with pytest.raises(ValueError, match="c1"):
+        EasyGenCollator(tok, num_image_tokens=N_IMG)(samples)
+    batch = EasyGenCollator(tok, num_image_tokens=N_IMG, deferred_features=True)(samples)
+    assert batch["has_image"].tolist() == [True, True] and batch["features"] is None
+    assert (batch["image_positions"] > 0).all()
