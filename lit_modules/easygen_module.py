@@ -33,6 +33,8 @@ class EasyGenModule(pl.LightningModule):
 
         m = cfg["model"]
         kw = dict(template=m["template"], max_length=int(m["max_length"]), num_image_tokens=int(m["num_image_tokens"]))
+        # caption-as-image: features come from the captions in the step, no pixels are loaded
+        kw["deferred_features"] = self.feature_source == "captions"
         self.train_collator = EasyGenCollator(self.tokenizer, seed=int(cfg.get("seed", 0)), **kw)
         self.eval_collator = EasyGenCollator(self.tokenizer, seed=0, **kw)
         self.eval_collator.eval_mode = True

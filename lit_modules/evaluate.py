@@ -1,0 +1,100 @@
+"""`stage=eval task=coco_caption|vqa|t2i`: evaluates a checkpoint (`ckpt_path=` or `init_from=`) on the
+test split across ranks and writes `results.json` plus the per-sample predictions (`predictions.json`,
+COCO results format for captions) so that others can check the numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from callbacks.caption_eval import CaptionEvalCallback
+from easygen.metrics import vqa_scores
+from lit_modules.errors import ConfigError
+
+
+def _module(cfg):
+    from lit_modules.easygen_module import EasyGenModule
+    from lit_modules.runner import container, output_dir, resolve_ckpt
+
+    plain = container(cfg)
+    if cfg.get("ckpt_path") and not cfg.get("init_from"):
+        plain["init_from"] = resolve_ckpt(cfg.ckpt_path, output_dir(cfg))
+    return EasyGenModule(plain)
+
+
+def eval_stage(cfg) -> dict:
+    import lightning.pytorch as pl
+
+    from lit_modules.runner import build_datamodule, ensure_data, output_dir
+    from lit_modules.strategies import build_strategy
+
+    task = str(cfg.task)
+    if task not in ("coco_caption", "vqa", "t2i"):
+        raise ConfigError(f"unknown task={task}: choose task=coco_caption|vqa|t2i")
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_data(cfg)
+    module = _module(cfg)
+    if task == "t2i":
+        return t2i_eval(cfg, module, out)
+    dm = build_datamodule(cfg, module)
+    cb = VQAEvalCallback(prefix="test") if task == "vqa" else CaptionEvalCallback(prefix="test")
+    trainer = pl.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
+        precision=cfg.trainer.precision, strategy=build_strategy(cfg.strategy, cfg.trainer), logger=False,
+        callbacks=[cb], enable_checkpointing=False, enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
+    )
+    trainer.validate(module, dataloaders=dm.test_dataloader(), verbose=False)
+    preds = cb.last_predictions
+    if trainer.is_global_zero:
+        if task == "coco_caption":
+            rows = [{"image_id": k, "caption": v} for k, v in sorted(preds.items())]
+        else:
+            rows = [{"question_id": k, "answer": v} for k, v in sorted(preds.items())]
+        (out / "predictions.json").write_text(json.dumps(rows, indent=1))
+    metrics = {f"test/{k}": float(v) for k, v in cb.last_scores.items()}
+    return {"global_step": 0, "task": task, "metrics": metrics, "best": {}, "checkpoints": {},
+            "num_samples": len(preds), "artifacts": {"predictions": str(out / "predictions.json")},
+            "is_global_zero": trainer.is_global_zero}
+
+
+class VQAEvalCallback(CaptionEvalCallback):
+    """The caption callback's gathering and de-duplication, scored by the VQAv2 accuracy rule."""
+
+    def score(self, predictions: dict, references: dict) -> dict:
+        return vqa_scores(predictions, references)
+
+
+def t2i_eval(cfg, module, out: Path) -> dict:
+    """Pictures for the test captions (the first reference of each), saved as PNGs; CLIP score and FID
+    when their local weights are configured (`stage.clip_model`, `stage.inception`)."""
+    from lit_modules.datamodule import StageDataModule
+
+    module.configure_model()
+    dm = StageDataModule(test=cfg.data.test, image_size=int(cfg.model.image_size), batch_size=8, num_workers=0)
+    ds = dm.eval_dataset("test")
+    limit = int(cfg.stage.get("t2i_limit") or len(ds))
+    samples = [s for s in (ds[i] for i in range(min(limit, len(ds)))) if s is not None]
+    prompts = [s["captions"][0] for s in samples]
+    folder = out / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i in range(0, len(prompts), 8):
+        images += module.generate_images(prompts[i : i + 8])
+    for s, im in zip(samples, images):
+        im.save(folder / f"{s['id']}.png")
+    metrics = {"test/num_images": float(len(images))}
+    fake = torch.stack([torch.as_tensor(__import__("numpy").asarray(im)).permute(2, 0, 1) for im in images])
+    real = torch.stack([(s["image"] * 255).round().to(torch.uint8) for s in samples])
+    from easygen.metrics import clip_score, fid_score
+
+    if cfg.stage.get("clip_model"):
+        metrics["test/CLIPScore"] = float(clip_score(fake, prompts, str(cfg.stage.clip_model)))
+    if cfg.stage.get("inception"):
+        metrics["test/FID"] = float(fid_score(real, fake, str(cfg.stage.inception)))
+    (out / "predictions.json").write_text(json.dumps([{"image_id": s["id"], "prompt": p, "file": f"images/{s['id']}.png"}
+                                                      for s, p in zip(samples, prompts)], indent=1))
+    return {"global_step": 0, "task": "t2i", "metrics": metrics, "best": {}, "checkpoints": {},
+            "artifacts": {"images": str(folder)}}
