@@ -202,6 +202,41 @@ def _ddp_main(out_dir: Path) -> None:
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
+def test_throughput_and_t2i_sample_callbacks(tmp_path):
+    from PIL import Image
+
+    from callbacks import T2ISampleCallback, ThroughputCallback
+
+    class _Module(_Captioner):
+        def training_step(self, batch, batch_idx):
+            self.last_batch_size, self.last_num_tokens = len(batch), 10 * len(batch)
+            return super().training_step(batch, batch_idx)
+
+        def flops_per_sample(self) -> float:
+            return 1e9
+
+        def generate_images(self, prompts):
+            return [Image.new("RGB", (8, 8), (40 * k, 0, 0)) for k, _ in enumerate(prompts)]
+
+    perf = ThroughputCallback(window=3, peak_flops=1e12)
+    samples = T2ISampleCallback(["a red square", "a blue circle"])
+    trainer = _trainer(
+        tmp_path, [perf, samples], devices=1, max_epochs=1, limit_train_batches=3, num_sanity_val_steps=0
+    )
+    trainer.fit(_Module())
+    m = perf.last_metrics
+    assert m["perf/tokens_per_sec"] == pytest.approx(10 * m["perf/samples_per_sec"])
+    assert m["perf/mfu"] == pytest.approx(m["perf/samples_per_sec"] * 1e9 / 1e12)
+    assert trainer.callback_metrics["perf/samples_per_sec"].item() == pytest.approx(
+        m["perf/samples_per_sec"], rel=1e-6
+    )
+    assert [p.name for p in samples.last_paths] == [
+        "epoch000_step0000003_00.png",
+        "epoch000_step0000003_01.png",
+    ]
+    assert Image.open(samples.last_paths[1]).getpixel((0, 0)) == (40, 0, 0)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     _ddp_main(Path(sys.argv[1]))
