@@ -42,6 +42,7 @@ class EasyGenModule(pl.LightningModule):
         self.bidiffuser = None
         self.last_batch_size = 0
         self.last_num_tokens = 0
+        self._feature_cache: dict[str, torch.Tensor] = {}
 
     # -- data -----------------------------------------------------------------------------------
     @property
@@ -135,7 +136,28 @@ class EasyGenModule(pl.LightningModule):
                 return self.bidiffuser.text_features(batch["feature_texts"])
             if batch.get("images") is None:
                 raise ValueError(f"batch {batch['ids'][:3]}...: image samples carry neither features nor pixels")
+            return self.cached_i2t(batch)
+
+    def cached_i2t(self, batch: dict) -> torch.Tensor:
+        """i2t features on the fly, kept per sample id (up to `model.feature_cache_size`) so that later
+        epochs do not run the 50-step sampler again for the same picture (the stage=extract idea, in memory)."""
+        ids = [i for i, h in zip(batch["ids"], batch["has_image"].tolist()) if h]
+        limit = int(self.cfg["model"].get("feature_cache_size") or 0)
+        if not limit:
             return self.bidiffuser.i2t_features(batch["images"])
+        todo = [k for k, i in enumerate(ids) if i not in self._feature_cache]
+        if todo:
+            feats = self.bidiffuser.i2t_features(batch["images"][todo])
+            for k, f in zip(todo, feats):
+                if len(self._feature_cache) < limit:
+                    self._feature_cache[ids[k]] = f.detach().to("cpu", torch.float16)
+            if len(todo) == len(ids):
+                return feats
+            fresh = dict(zip([ids[k] for k in todo], feats))
+        else:
+            fresh = {}
+        dev = batch["images"].device
+        return torch.stack([fresh[i] if i in fresh else self._feature_cache[i].to(dev, torch.float32) for i in ids])
 
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

@@ -45,7 +45,7 @@ def test_every_experiment_composes_and_instantiates_on_meta(experiment):
     assert all(p.is_meta for p in models["llm"].parameters())
     linears = [m for m in models["projector"].modules() if isinstance(m, torch.nn.Linear)]
     assert (linears[0].in_features, linears[-1].out_features) == (cfg.model.feature_dim, cfg.model.llm.hidden_size)
-    for name, cb in cfg.callbacks.items():
+    for _name, cb in cfg.callbacks.items():
         if cb is not None:
             instantiate(OmegaConf.merge(cb, {"dirpath": "/tmp/ckpt"} if "dirpath" in cb else {}))
     # recipes ask for GPUs: on a CPU machine that is a one-line configuration error
