@@ -122,7 +122,7 @@ def extract_stage(cfg) -> dict:
                 log.info("extract: %s already done, skipped", dst)
                 continue
             res = extract_shard(pipe, url, dst, int(cfg.model.image_size), int(cfg.stage.batch_size), device)
-            shards[dst.name] = res["samples"]
+            shards[f"{split}/{dst.name}"] = res["samples"]  # the converters' manifest keys
             n_images += res["samples"]
             report["skipped"] += res["skipped"]
             for s in res["skipped"]:
@@ -161,6 +161,6 @@ def _merge_manifest(out_root: Path, reports: list[dict]) -> dict:
         shards = dict(old.get(split_dir.name, {}).get("shards", {}))
         for r in reports:
             shards.update(r["splits"].get(split_dir.name, {}).get("shards", {}))
-        shards = {k: v for k, v in shards.items() if (split_dir / k).exists()}
+        shards = {k: v for k, v in shards.items() if (out_root / k).exists()}
         splits[split_dir.name] = {"samples": sum(shards.values()), "shards": shards}
     return {"source": "extract", "splits": splits, "skipped": skipped}

@@ -204,13 +204,15 @@ def build_module(cfg):
     return EasyGenModule(plain)
 
 
-def build_callbacks(cfg) -> list:
+def build_callbacks(cfg, has_logger: bool = True) -> list:
     from hydra.utils import instantiate
 
     out = []
     for name, c in (cfg.get("callbacks") or {}).items():
         if c is None or "_target_" not in c:
             continue
+        if not has_logger and c["_target_"].endswith("LearningRateMonitor"):
+            continue  # it needs a logger to write to
         if name == "model_checkpoint" and not cfg.stage.get("monitor"):
             c = OmegaConf.merge(c, {"monitor": None, "mode": "min"})
         out.append(instantiate(c))
@@ -259,8 +261,8 @@ def train_stage(cfg) -> dict:
     ensure_data(cfg)
     module = build_module(cfg)
     dm = build_datamodule(cfg, module)
-    callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg, out)
+    callbacks = build_callbacks(cfg, has_logger=bool(loggers))
     trainer = pl.Trainer(
         **trainer_kwargs(cfg), strategy=strategy, callbacks=callbacks, logger=loggers or False,
         default_root_dir=str(out),

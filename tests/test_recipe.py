@@ -13,8 +13,8 @@ from tests.conftest import ROOT
 SHORT = [
     "data.synthetic.n=80", "data.batch_size=4", "data.eval_batch_size=8", "model.bidiffuser.sampler.steps=4",
     "logger=none", "stage.baselines=false",
-    "stage.overrides.bidiffuser=['trainer.max_steps=4']", "stage.overrides.pretrain=['trainer.max_steps=4']",
-    "stage.overrides.instruct=['trainer.max_steps=4']",
+    "+stage.overrides.bidiffuser=['trainer.max_steps=4']", "+stage.overrides.pretrain=['trainer.max_steps=4']",
+    "+stage.overrides.instruct=['trainer.max_steps=4']",
 ]
 
 
