@@ -46,6 +46,10 @@ class CaptionEvalCallback(pl.Callback):
         self._records: list[tuple[str, str, list[str]]] = []
         self._images: dict[str, Any] = {}
 
+    def score(self, predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+        """Scores of the whole gathered set (subclasses score other tasks, e.g. VQA accuracy)."""
+        return caption_scores(predictions, references, spice=self.spice)
+
     def _active(self, trainer: pl.Trainer) -> bool:
         return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
@@ -104,7 +108,7 @@ class CaptionEvalCallback(pl.Callback):
                 if i not in predictions:
                     predictions[i] = pred
                     references[i] = refs
-            scores = caption_scores(predictions, references, spice=self.spice) if predictions else {}
+            scores = self.score(predictions, references) if predictions else {}
             self.last_predictions = predictions
         if _dist_ready():
             box = [scores]
