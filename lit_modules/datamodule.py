@@ -5,15 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from data_modules.datamodule import ShardDataModule
-
-
-class _DropNone:
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __call__(self, batch):
-        return self.collate([s for s in batch if s is not None])
+from data_modules.datamodule import ShardDataModule, _DropNone
 
 
 class StageDataModule(ShardDataModule):

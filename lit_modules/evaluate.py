@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from callbacks.caption_eval import CaptionEvalCallback
@@ -86,7 +87,7 @@ def t2i_eval(cfg, module, out: Path) -> dict:
     for s, im in zip(samples, images):
         im.save(folder / f"{s['id']}.png")
     metrics = {"test/num_images": float(len(images))}
-    fake = torch.stack([torch.as_tensor(__import__("numpy").asarray(im)).permute(2, 0, 1) for im in images])
+    fake = torch.stack([torch.as_tensor(np.asarray(im)).permute(2, 0, 1) for im in images])
     real = torch.stack([(s["image"] * 255).round().to(torch.uint8) for s in samples])
     from easygen.metrics import clip_score, fid_score
 
