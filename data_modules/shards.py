@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from easygen.images import load_image  # noqa: F401 - re-exported: the shards' decode step
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -218,23 +220,6 @@ class SkipCounter:
 
 class SampleError(ValueError):
     """A sample that cannot be used (the message says which field and why)."""
-
-
-def load_image(data: bytes, size: int) -> torch.Tensor:
-    """Decode an encoded image to float [3, size, size] in [0, 1]: shorter side to ``size``, center crop."""
-    with Image.open(io.BytesIO(data)) as img:
-        # JPEG can decode at 1/2, 1/4, 1/8 scale directly; draft keeps both sides >= size.
-        img.draft("RGB", (size, size))
-        img = img.convert("RGB")
-    width, height = img.size
-    if (width, height) != (size, size):
-        scale = size / min(width, height)
-        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    array = np.array(img, dtype=np.uint8)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div_(255.0)
 
 
 def validate_meta(meta: Any) -> dict[str, Any]:

@@ -15,27 +15,10 @@ from pathlib import Path
 
 import torch
 
+from easygen.images import load_image_file
 from easygen.templates import IMAGE_MARKER
 
 IMG_TAG = re.compile(r"<Img>(.+?)</Img>", re.DOTALL)
-
-
-def load_image_file(path: str | Path, size: int) -> torch.Tensor:
-    """An image file -> float [3, size, size] in [0, 1] (shorter side resized, centre crop)."""
-    from PIL import Image
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"image not found: {p}")
-    with Image.open(p) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
-        left, top = (im.width - size) // 2, (im.height - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    return data.view(size, size, 3).permute(2, 0, 1).float().div(255.0)
 
 
 class ChatSession:

@@ -13,7 +13,8 @@ import lightning.pytorch as pl
 import torch
 
 from lit_modules.builders import build_bidiffuser
-from lit_modules.optim import build_optimizer, log_skipped
+from lit_modules.datamodule import log_skipped
+from lit_modules.optim import build_optimizer
 
 
 def _stack_images(samples: list[dict]) -> torch.Tensor:

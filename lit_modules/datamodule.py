@@ -21,3 +21,11 @@ class StageDataModule(ShardDataModule):
             collate_fn=_DropNone(self.eval_collate_fn or self.collate_fn),
             pin_memory=self.pin_memory,
         )
+
+
+def log_skipped(module) -> None:
+    """Log the data module's count of skipped (broken) samples as `data/skipped`."""
+    dm = getattr(module.trainer, "datamodule", None)
+    counter = getattr(dm, "skip_counter", None)
+    if counter is not None:
+        module.log("data/skipped", float(counter.skipped), reduce_fx="max")

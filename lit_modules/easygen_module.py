@@ -5,15 +5,15 @@ come from and which loss runs are configuration (SPEC §4, §5)."""
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
 from lit_modules.builders import build_bidiffuser, build_llm, build_llm_tokenizer, build_projector
+from lit_modules.datamodule import log_skipped
 from lit_modules.errors import ConfigError
-from lit_modules.optim import build_optimizer, log_skipped
+from lit_modules.optim import build_optimizer
 
 log = logging.getLogger("easygen")
 
@@ -53,7 +53,7 @@ class EasyGenModule(pl.LightningModule):
         batch = self.train_collator(samples)
         if self.feature_source == "captions":
             # caption-as-image (SPEC §4): a reference caption stands in for the picture
-            rng = random.Random(hash(tuple(batch["ids"])) & 0xFFFF)
+            rng = self.train_collator.rng  # seeded: hash() of strings changes from run to run
             batch["feature_texts"] = [rng.choice(s["captions"]) for s in samples if s.get("captions")]
         return batch
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from easygen.images import load_image
 from lit_modules.builders import build_bidiffuser
 from lit_modules.errors import ConfigError
 
@@ -53,8 +54,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def extract_shard(pipe, src: str, dst: Path, image_size: int, batch_size: int, device) -> dict:
-    from data_modules.shards import load_image
-
     samples = read_tar_samples(src)
     skipped, ok = [], []
     for key, fields in samples.items():

@@ -54,10 +54,3 @@ def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], opti
     )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
-
-def log_skipped(module) -> None:
-    """Log the data module's count of skipped (broken) samples as `data/skipped`."""
-    dm = getattr(module.trainer, "datamodule", None)
-    counter = getattr(dm, "skip_counter", None)
-    if counter is not None:
-        module.log("data/skipped", float(counter.skipped), reduce_fx="max")
