@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from lit_modules.errors import ConfigError
 
@@ -46,31 +47,46 @@ def compose_stage(cfg, stage: str, extra: list[str]):
     return compose(config_name="config", overrides=[*recipe, *user, f"stage={stage}", *per_stage, *extra])
 
 
-def run_all(cfg) -> dict:
-    from lit_modules.runner import output_dir, run_stage
+def run_chain(cfg, stages, root: Path, done: dict, extra: list[str] = ()) -> dict:
+    """Run `stages` in order under `root`, each from the outputs in `done` (updated in place)."""
+    from lit_modules.runner import run_stage
 
-    root = output_dir(cfg)
-    done: dict[str, dict] = {}
-    for stage in cfg.stage.stages:
+    for stage in stages:
         sdir = root / stage
         res_file = sdir / "results.json"
         if res_file.exists():
             log.info("stage=%s already finished (%s): skipped", stage, res_file)
             done[stage] = json.loads(res_file.read_text())
             continue
-        sub = compose_stage(cfg, stage, [f"paths.output_dir={sdir}", *_links(stage, done)])
+        sub = compose_stage(cfg, stage, [f"paths.output_dir={sdir}", *_links(stage, done), *extra])
         if sub.stage.kind == "all":
             raise ConfigError("stage.stages may not contain 'all'")
         log.info("==== stage=%s -> %s", stage, sdir)
         done[stage] = run_stage(sub)
+    return done
+
+
+def run_all(cfg) -> dict:
+    from lit_modules.runner import output_dir
+
+    root = output_dir(cfg)
+    stages = list(cfg.stage.stages)
+    done = run_chain(cfg, stages, root, {})
     summary = {s: {"metrics": r.get("metrics", {}), "best": r.get("best", {})} for s, r in done.items()}
-    metrics = {}
     final = done.get("eval") or {}
-    metrics.update(final.get("metrics", {}))
+    metrics = dict(final.get("metrics", {}))
     if cfg.stage.get("baselines") and final:
         from lit_modules.baselines import baselines
 
         metrics.update(baselines(cfg, root, done))
+        # the control: the LLM stages again on the same BiDiffuser and features, with each training caption
+        # paired with another sample's picture; its test CIDEr shows what the features themselves carry
+        llm_stages = [s for s in stages if s in ("pretrain", "instruct", "eval")]
+        shared = {s: r for s, r in done.items() if s not in llm_stages}
+        control = run_chain(cfg, llm_stages, root / "shuffled", shared, ["++stage.shuffle_features=true"])
+        if "eval" in control:
+            metrics["baseline/shuffled_CIDEr"] = control["eval"]["metrics"].get("test/CIDEr")
+            summary["shuffled"] = {"metrics": control["eval"].get("metrics", {}), "best": {}}
     print_table(summary)
     return {"global_step": sum(int(r.get("global_step", 0)) for r in done.values()), "metrics": metrics,
             "best": {}, "stages": summary, "stage_dirs": {s: str(root / s) for s in done}, "checkpoints": {}}

@@ -123,6 +123,76 @@ class BiDiffuser(nn.Module):
         return model.freeze()
 
     @classmethod
+    def random_v1(cls, corpus: Sequence[str] = (), seed: int = 0, device=None, **sampler) -> BiDiffuser:
+        """Every part at the real shapes (U-ViT v1, SD KL-f8 VAE, CLIP ViT-B/32 image and ViT-L/14 text
+        towers, GPT-2 small caption decoder) with random weights and no files: for benchmarks of the
+        recipe at 512² on a GPU. Tokenizers are built locally (a small vocabulary inside the real
+        embedding tables)."""
+        from diffusers import AutoencoderKL
+        from transformers import (
+            CLIPTextConfig,
+            CLIPTextModel,
+            CLIPVisionConfig,
+            CLIPVisionModelWithProjection,
+            GPT2Config,
+            GPT2LMHeadModel,
+        )
+
+        corpus = list(corpus)
+        config = UViTConfig.v1()
+        with torch.random.fork_rng(), torch.device(device or "cpu"):
+            torch.manual_seed(seed)
+            uvit = UViT(config)
+            vae = AutoencoderKL(
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2,
+                latent_channels=4,
+                sample_size=512,
+            )
+            vision = CLIPVisionModelWithProjection(
+                CLIPVisionConfig(
+                    hidden_size=768,
+                    intermediate_size=3072,
+                    num_hidden_layers=12,
+                    num_attention_heads=12,
+                    image_size=224,
+                    patch_size=32,
+                    projection_dim=config.clip_img_dim,
+                )
+            )
+            clip_tok = build_tokenizer(
+                "clip", corpus, vocab_size=1024, model_max_length=config.num_text_tokens
+            )
+            text = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=49408,
+                    hidden_size=768,
+                    intermediate_size=3072,
+                    num_hidden_layers=12,
+                    num_attention_heads=12,
+                    max_position_embeddings=config.num_text_tokens,
+                    bos_token_id=clip_tok.bos_token_id,
+                    eos_token_id=clip_tok.eos_token_id,
+                    pad_token_id=clip_tok.pad_token_id,
+                )
+            )
+            gpt_tok = build_tokenizer("gpt2", corpus, vocab_size=1024)
+            gpt = GPT2LMHeadModel(GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50258))
+            decoder = CaptionDecoder(gpt, gpt_tok, text_dim=config.text_dim)
+        model = cls(
+            uvit,
+            vae,
+            ClipImageEncoder(vision),
+            ClipTextEncoder(text, clip_tok, max_length=config.num_text_tokens),
+            decoder,
+            seed=seed,
+            **sampler,
+        )
+        return model.freeze()
+
+    @classmethod
     def from_paths(
         cls,
         *,
