@@ -29,15 +29,22 @@ def _checkpoint(block: nn.Module) -> nn.Module:
 
 
 def _mesh(device_mesh):
-    return device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    return (
+        device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    )
 
 
-def shard_blocks(blocks: nn.ModuleList, root: nn.Module, device_mesh, strategy_cfg: dict, extra_units=()) -> None:
+def shard_blocks(
+    blocks: nn.ModuleList, root: nn.Module, device_mesh, strategy_cfg: dict, extra_units=()
+) -> None:
     from torch.distributed.fsdp import fully_shard
 
     mesh = _mesh(device_mesh)
-    kw = dict(mesh=mesh, mp_policy=_policy(strategy_cfg, mesh.device_type),
-              reshard_after_forward=bool(strategy_cfg.get("reshard_after_forward", True)))
+    kw = dict(
+        mesh=mesh,
+        mp_policy=_policy(strategy_cfg, mesh.device_type),
+        reshard_after_forward=bool(strategy_cfg.get("reshard_after_forward", True)),
+    )
     if strategy_cfg.get("activation_checkpointing"):
         for i in range(len(blocks)):
             blocks[i] = _checkpoint(blocks[i])
@@ -52,8 +59,15 @@ def shard_easygen(module, device_mesh, strategy_cfg: dict) -> None:
     llm = module.model.llm
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
     layers = base.model.layers
-    shard_blocks(layers, module.model, device_mesh, strategy_cfg,
-                 extra_units=(base.get_input_embeddings(), module.model.projector))
+    # the causal-LM wrapper is a unit of its own: generation calls it directly (not through EasyGen),
+    # and it holds the final norm and lm_head
+    shard_blocks(
+        layers,
+        module.model,
+        device_mesh,
+        strategy_cfg,
+        extra_units=(base.get_input_embeddings(), module.model.projector, base),
+    )
 
 
 def shard_uvit(uvit: nn.Module, device_mesh, strategy_cfg: dict) -> None:

@@ -70,7 +70,9 @@ def check_missing(cfg) -> None:
         # missing_keys gives full keys (model.llm.path)
         missing = sorted(OmegaConf.missing_keys(node))
         if missing:
-            raise ConfigError(f"required path(s) not set: {', '.join(missing)} (set {missing[0]}=/path/to/...)")
+            raise ConfigError(
+                f"required path(s) not set: {', '.join(missing)} (set {missing[0]}=/path/to/...)"
+            )
 
 
 def output_dir(cfg) -> Path:
@@ -113,10 +115,10 @@ def _check_urls(spec, key, expand_urls) -> None:
 
 
 def build_datamodule(cfg, module):
-    from lit_modules.datamodule import StageDataModule
+    from lit_modules.resume import ResumableDataModule
 
     d = cfg.data
-    dm = StageDataModule(
+    dm = ResumableDataModule(
         train=[dict(s) for s in container(d.train)] if d.get("train") else None,
         val=d.get("val"),
         test=d.get("test"),
@@ -152,7 +154,13 @@ def wandb_mode(mode: str) -> str:
     return "offline"
 
 
-def build_loggers(cfg, out: Path):
+def wandb_run_id(out: Path) -> str | None:
+    """The id of the W&B run an earlier (crashed) job wrote in `out`, so that a resumed job continues it."""
+    runs = sorted(out.glob("wandb/*run-*-*"), key=lambda p: p.stat().st_mtime)
+    return runs[-1].name.rsplit("-", 1)[-1] if runs else None
+
+
+def build_loggers(cfg, out: Path, resume: bool = False):
     loggers = []
     lcfg = cfg.get("logger") or {}
     if lcfg.get("wandb"):
@@ -160,6 +168,8 @@ def build_loggers(cfg, out: Path):
 
         w = lcfg.wandb
         mode = wandb_mode(str(w.mode))
+        run_id = wandb_run_id(out) if resume else None
+        extra = {"id": run_id, "resume": "allow"} if run_id else {}
         loggers.append(
             WandbLogger(
                 project=w.project,
@@ -171,6 +181,7 @@ def build_loggers(cfg, out: Path):
                 offline=mode == "offline",
                 mode=mode if mode == "disabled" else None,
                 config=container(cfg),
+                **extra,
             )
         )
     if lcfg.get("csv"):
@@ -219,22 +230,46 @@ def build_callbacks(cfg, has_logger: bool = True) -> list:
     return out
 
 
+def complete_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint folder with both its tensor index and its metadata."""
+    from lit_modules.strategies import is_sharded_checkpoint
+
+    return path.is_file() or is_sharded_checkpoint(path)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint was saved at (its metadata, not its file name)."""
+    from lit_modules.strategies import META_FILENAME
+
+    meta = path / META_FILENAME if path.is_dir() else path
+    return int(torch.load(meta, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+
+
 def resolve_ckpt(ckpt_path, out: Path) -> str | None:
     if ckpt_path in (None, "", "null"):
         return None
     if str(ckpt_path) == "last":
-        found = sorted(out.glob("checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        folder = out / "checkpoints"
+        # `.last.ckpt.old` is the previous sharded checkpoint when a crash hit the swap of a newer one
+        found = [
+            p for p in [*folder.glob("last*.ckpt"), *folder.glob(".last*.ckpt.old")] if complete_checkpoint(p)
+        ]
         if not found:
-            raise ConfigError(f"ckpt_path=last but {out}/checkpoints has no last.ckpt: set ckpt_path=/path/to.ckpt")
-        return str(found[-1])
+            raise ConfigError(
+                f"ckpt_path=last but {folder} has no complete last.ckpt: set ckpt_path=/path/to.ckpt"
+            )
+        return str(max(found, key=lambda p: (checkpoint_step(p), p.stat().st_mtime)))
     if not Path(str(ckpt_path)).exists():
-        raise ConfigError(f"ckpt_path={ckpt_path} does not exist: set ckpt_path to a checkpoint file or `last`")
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} does not exist: set ckpt_path to a checkpoint file or `last`"
+        )
     return str(ckpt_path)
 
 
 def trainer_kwargs(cfg) -> dict:
     t = container(cfg.trainer)
     t.pop("_target_", None)
+    t.pop("global_batch_size", None)  # not a Trainer argument: batch_plan turns it into accumulation
     max_steps = int(t.get("max_steps", -1))
     every = cfg.stage.get("val_every")
     if max_steps > 0 and t.get("val_check_interval") is None:
@@ -249,6 +284,48 @@ def trainer_kwargs(cfg) -> dict:
     return t
 
 
+def check_cluster(trainer_cfg) -> None:
+    """Under SLURM (sbatch/srun or `hydra/launcher=submitit_slurm`) one task runs each device: the
+    allocation must match trainer.devices and trainer.num_nodes, or ranks would wait for each other forever."""
+    tasks = os.environ.get("SLURM_NTASKS_PER_NODE")
+    if (
+        tasks
+        and "SLURM_JOB_ID" in os.environ
+        and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+    ):
+        tasks = int(tasks.split("(")[0])
+        devices = trainer_cfg.get("devices")
+        if str(devices) != "auto" and int(devices) != tasks:
+            raise ConfigError(
+                f"SLURM runs {tasks} tasks per node but trainer.devices={devices}: set trainer.devices={tasks} "
+                "(with submitit: hydra.launcher.tasks_per_node == trainer.devices)"
+            )
+        nodes = int(os.environ.get("SLURM_NNODES", "1"))
+        if nodes != int(trainer_cfg.get("num_nodes", 1)):
+            raise ConfigError(
+                f"SLURM allocated {nodes} nodes but trainer.num_nodes={trainer_cfg.get('num_nodes')}: "
+                f"set trainer.num_nodes={nodes}"
+            )
+
+
+def batch_plan(cfg, world: int) -> tuple[int, int]:
+    """(global batch, gradient accumulation) for this world size. With `trainer.global_batch_size` set,
+    accumulation is derived from it (global = per-device batch x world size x accumulation), so the same
+    command keeps its global batch on 1 or 64 devices; otherwise `trainer.accumulate_grad_batches` holds."""
+    per_device = int(cfg.data.batch_size)
+    target = cfg.trainer.get("global_batch_size")
+    if target is None:
+        accumulate = int(cfg.trainer.accumulate_grad_batches)
+        return per_device * world * accumulate, accumulate
+    target = int(target)
+    if target % (per_device * world):
+        raise ConfigError(
+            f"trainer.global_batch_size={target} is not a multiple of data.batch_size={per_device} x {world} "
+            f"devices: change one of them (global = per-device batch x devices x accumulation)"
+        )
+    return target, target // (per_device * world)
+
+
 def train_stage(cfg) -> dict:
     import lightning.pytorch as pl
 
@@ -257,24 +334,35 @@ def train_stage(cfg) -> dict:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
+    check_cluster(cfg.trainer)
     strategy = build_strategy(cfg.strategy, cfg.trainer)
     ensure_data(cfg)
+    ckpt = resolve_ckpt(cfg.get("ckpt_path"), out)
     module = build_module(cfg)
     dm = build_datamodule(cfg, module)
-    loggers = build_loggers(cfg, out)
+    loggers = build_loggers(cfg, out, resume=ckpt is not None)
     callbacks = build_callbacks(cfg, has_logger=bool(loggers))
     trainer = pl.Trainer(
-        **trainer_kwargs(cfg), strategy=strategy, callbacks=callbacks, logger=loggers or False,
+        **trainer_kwargs(cfg),
+        strategy=strategy,
+        callbacks=callbacks,
+        logger=loggers or False,
         default_root_dir=str(out),
     )
     world = trainer.world_size
-    global_batch = int(cfg.data.batch_size) * world * int(cfg.trainer.accumulate_grad_batches)
+    global_batch, accumulate = batch_plan(cfg, world)
+    trainer.accumulate_grad_batches = accumulate
     if trainer.is_global_zero:
         log.info(
-            "stage=%s global batch %d = %d per device x %d devices x %d accumulation",
-            cfg.stage.name, global_batch, cfg.data.batch_size, world, cfg.trainer.accumulate_grad_batches,
+            "stage=%s global batch %d = %d per device x %d devices x %d accumulation (strategy=%s)%s",
+            cfg.stage.name,
+            global_batch,
+            cfg.data.batch_size,
+            world,
+            accumulate,
+            cfg.strategy.name,
+            f"; resuming from {ckpt}" if ckpt else "",
         )
-    ckpt = resolve_ckpt(cfg.get("ckpt_path"), out)
     t0 = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     artifacts = module.export_artifacts(out)  # every rank: gathers sharded weights
@@ -286,7 +374,9 @@ def train_stage(cfg) -> dict:
     return {
         "global_step": int(trainer.global_step),
         "global_batch": global_batch,
+        "accumulate_grad_batches": accumulate,
         "world_size": world,
+        "resumed_from": ckpt,
         "metrics": metrics,
         "best": best,
         "checkpoints": {
@@ -329,10 +419,20 @@ def run_stage(cfg) -> dict:
         res = run_all(cfg)
     else:
         raise ConfigError(f"unknown stage.kind={kind!r}")
-    results = {"stage": str(cfg.stage.name), "choices": hydra_choices(), "output_dir": str(output_dir(cfg)), **res}
-    if results.pop("is_global_zero", True):
+    results = {
+        "stage": str(cfg.stage.name),
+        "choices": hydra_choices(),
+        "output_dir": str(output_dir(cfg)),
+        **res,
+    }
+    global _IS_GLOBAL_ZERO
+    _IS_GLOBAL_ZERO = results.pop("is_global_zero", True)
+    if _IS_GLOBAL_ZERO:
         write_results(output_dir(cfg), results)
     return results
+
+
+_IS_GLOBAL_ZERO = True  # of the last run_stage: the other ranks print no summary
 
 
 def write_results(out: Path, results: dict) -> Path:
@@ -345,6 +445,8 @@ def write_results(out: Path, results: dict) -> Path:
 
 
 def print_summary(results: dict) -> None:
+    if not _IS_GLOBAL_ZERO:
+        return
     print(f"\n[easygen] stage={results['stage']} finished; outputs in {results['output_dir']}")
     metrics = dict(results.get("metrics") or {})
     metrics.update({f"best {k}": v for k, v in (results.get("best") or {}).items()})
