@@ -206,11 +206,15 @@ def finish_wandb() -> None:
 
 
 def build_module(cfg):
+    return build_module_from_plain(container(cfg))
+
+
+def build_module_from_plain(plain: dict):
+    """The stage's LightningModule from a plain (resolved) config dict, e.g. a checkpoint's hyper_parameters."""
     from lit_modules.bidiffuser_module import BiDiffuserModule
     from lit_modules.easygen_module import EasyGenModule
 
-    plain = container(cfg)
-    if cfg.stage.module == "bidiffuser":
+    if plain["stage"].get("module") == "bidiffuser":
         return BiDiffuserModule(plain)
     return EasyGenModule(plain)
 
