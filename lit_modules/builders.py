@@ -11,6 +11,12 @@ import torch
 from lit_modules.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# encoder-decoder presets: EasyGen's FlanT5 "Mid-Align" variant (SPEC §4)
+T5_PRESETS = ("t5", "tiny-t5")
+
+
+def is_t5(cfg: dict) -> bool:
+    return cfg["model"]["llm"]["preset"] in T5_PRESETS
 
 
 def require_path(value, key: str) -> str:
@@ -42,12 +48,16 @@ def tokenizer_cache(cfg: dict) -> str | None:
 
 def build_llm_tokenizer(cfg: dict):
     m = cfg["model"]["llm"]
-    if m["preset"] in ("tiny",):
+    if m["preset"] in ("tiny", "tiny-t5"):
         from easygen.tokenization import build_tokenizer
 
+        # tiny-t5 reuses the Llama-kind specials (</s> ends the target, pad = <unk> starts the decoder)
         return build_tokenizer(
-            "llama", tiny_corpus(), vocab_size=int(m.get("vocab_size", 512)),
-            model_max_length=int(cfg["model"]["max_length"]), cache_dir=tokenizer_cache(cfg),
+            "llama",
+            tiny_corpus(),
+            vocab_size=int(m.get("vocab_size", 512)),
+            model_max_length=int(cfg["model"]["max_length"]),
+            cache_dir=tokenizer_cache(cfg),
         )
     if m["preset"] == "llama7b-random":
         from easygen.tokenization import build_tokenizer
@@ -56,7 +66,9 @@ def build_llm_tokenizer(cfg: dict):
     from transformers import AutoTokenizer
 
     path = require_path(m.get("path"), "model.llm.path")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=bool(m.get("trust_remote_code")))
+    tok = AutoTokenizer.from_pretrained(
+        path, local_files_only=True, trust_remote_code=bool(m.get("trust_remote_code"))
+    )
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
@@ -69,8 +81,46 @@ def build_llm(cfg: dict, tokenizer, device: str | torch.device | None = None):
         from easygen.llm import build_tiny_llm
 
         return build_tiny_llm(
-            tokenizer, hidden_size=int(m["hidden_size"]), layers=int(m["num_layers"]),
-            heads=int(m["num_heads"]), seed=int(cfg.get("seed", 0)),
+            tokenizer,
+            hidden_size=int(m["hidden_size"]),
+            layers=int(m["num_layers"]),
+            heads=int(m["num_heads"]),
+            seed=int(cfg.get("seed", 0)),
+        )
+    if preset == "tiny-t5":
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        h, heads = int(m["hidden_size"]), int(m["num_heads"])
+        config = T5Config(
+            vocab_size=len(tokenizer),
+            d_model=h,
+            d_ff=4 * h,
+            d_kv=h // heads,
+            num_layers=int(m["num_layers"]),
+            num_heads=heads,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg.get("seed", 0)))
+            return T5ForConditionalGeneration(config).eval()
+    if preset == "t5":
+        from transformers import AutoModelForSeq2SeqLM
+
+        path = require_path(m.get("path"), "model.llm.path")
+        if not (Path(path) / "config.json").exists():
+            raise ConfigError(
+                f"model.llm.path={path} has no config.json: point it at a transformers FlanT5 folder"
+            )
+        return AutoModelForSeq2SeqLM.from_pretrained(
+            path,
+            dtype=DTYPES.get(str(m.get("dtype"))),
+            local_files_only=True,
+            trust_remote_code=bool(m.get("trust_remote_code")),
         )
     if preset == "llama7b-random":
         from transformers import LlamaForCausalLM
@@ -85,11 +135,12 @@ def build_llm(cfg: dict, tokenizer, device: str | torch.device | None = None):
         from easygen.llm import load_llm
 
         model, _ = load_llm(
-            require_path(m.get("path"), "model.llm.path"), dtype=DTYPES.get(str(m.get("dtype"))),
+            require_path(m.get("path"), "model.llm.path"),
+            dtype=DTYPES.get(str(m.get("dtype"))),
             trust_remote_code=bool(m.get("trust_remote_code")),
         )
         return model
-    raise ConfigError(f"model.llm.preset={preset!r} is not a decoder-only preset (tiny|pretrained|llama7b-random)")
+    raise ConfigError(f"model.llm.preset={preset!r}: choose tiny|pretrained|llama7b-random|t5|tiny-t5")
 
 
 def build_projector(cfg: dict):
@@ -109,7 +160,9 @@ def build_bidiffuser(cfg: dict, device: str | torch.device | None = None):
     sample_seed = int(sampler.pop("seed", 1234))  # the sampler's seed; `seed` below builds tiny weights
     preset = b["preset"]
     if preset == "tiny":
-        pipe = BiDiffuser.tiny(tiny_corpus(), seed=int(cfg.get("seed", 0)), image_size=int(cfg["model"]["image_size"]), **sampler)
+        pipe = BiDiffuser.tiny(
+            tiny_corpus(), seed=int(cfg.get("seed", 0)), image_size=int(cfg["model"]["image_size"]), **sampler
+        )
     elif preset == "v1-random":
         pipe = BiDiffuser.random_v1(**sampler)
     elif preset == "v1":
@@ -148,20 +201,48 @@ def meta_models(cfg: dict) -> dict:
         out["uvit"] = UViT(uvit_cfg)
         out["projector"] = build_projector(cfg)
         llm = m["llm"]
-        if llm["preset"] == "t5":
+        if llm["preset"] == "tiny-t5":
+            from transformers import T5Config, T5ForConditionalGeneration
+
+            h, heads = int(llm["hidden_size"]), int(llm["num_heads"])
+            out["llm"] = T5ForConditionalGeneration(
+                T5Config(
+                    vocab_size=int(llm["vocab_size"]),
+                    d_model=h,
+                    d_ff=4 * h,
+                    d_kv=h // heads,
+                    num_layers=int(llm["num_layers"]),
+                    num_heads=heads,
+                    feed_forward_proj="gated-gelu",
+                )
+            )
+        elif llm["preset"] == "t5":
             from transformers import T5Config, T5ForConditionalGeneration
 
             out["llm"] = T5ForConditionalGeneration(
-                T5Config(d_model=2048, d_ff=5120, num_layers=24, num_heads=32, d_kv=64, vocab_size=32128,
-                         feed_forward_proj="gated-gelu")
+                T5Config(
+                    d_model=2048,
+                    d_ff=5120,
+                    num_layers=24,
+                    num_heads=32,
+                    d_kv=64,
+                    vocab_size=32128,
+                    feed_forward_proj="gated-gelu",
+                )
             )
         elif llm["preset"] == "tiny":
             from transformers import LlamaConfig, LlamaForCausalLM
 
             h = int(llm["hidden_size"])
-            out["llm"] = LlamaForCausalLM(LlamaConfig(
-                vocab_size=int(llm["vocab_size"]), hidden_size=h, intermediate_size=4 * h,
-                num_hidden_layers=int(llm["num_layers"]), num_attention_heads=int(llm["num_heads"])))
+            out["llm"] = LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=int(llm["vocab_size"]),
+                    hidden_size=h,
+                    intermediate_size=4 * h,
+                    num_hidden_layers=int(llm["num_layers"]),
+                    num_attention_heads=int(llm["num_heads"]),
+                )
+            )
         else:
             from transformers import LlamaForCausalLM
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from lit_modules.builders import build_bidiffuser, build_llm, build_llm_tokenizer, build_projector
+from lit_modules.builders import build_bidiffuser, build_llm, build_llm_tokenizer, build_projector, is_t5
 from lit_modules.datamodule import log_skipped
 from lit_modules.errors import ConfigError
 from lit_modules.optim import build_optimizer
@@ -28,15 +28,28 @@ class EasyGenModule(pl.LightningModule):
         # frozen parts come back from their sources; checkpoints hold what was trained
         self.strict_loading = False
         self.feature_source = self.stage_cfg.get("feature_source", "auto")
+        # the "shuffled images" control: captions trained against other samples' pictures
+        self.shuffle_features = bool(self.stage_cfg.get("shuffle_features", False))
+        self.is_t5 = is_t5(cfg)
+        if self.is_t5 and self.lora_cfg.get("enabled") and self.stage_cfg.get("train_llm"):
+            raise ConfigError(
+                "lora=on is for decoder-only LLMs; with model.llm.preset=t5|tiny-t5 use lora=off"
+            )
         self.tokenizer = build_llm_tokenizer(cfg)
         from easygen.collate import EasyGenCollator
+        from easygen.t5_collate import T5Collator
 
         m = cfg["model"]
-        kw = dict(template=m["template"], max_length=int(m["max_length"]), num_image_tokens=int(m["num_image_tokens"]))
+        kw = dict(
+            template=m["template"],
+            max_length=int(m["max_length"]),
+            num_image_tokens=int(m["num_image_tokens"]),
+        )
         # caption-as-image: features come from the captions in the step, no pixels are loaded
         kw["deferred_features"] = self.feature_source == "captions"
-        self.train_collator = EasyGenCollator(self.tokenizer, seed=int(cfg.get("seed", 0)), **kw)
-        self.eval_collator = EasyGenCollator(self.tokenizer, seed=0, **kw)
+        collator = T5Collator if self.is_t5 else EasyGenCollator
+        self.train_collator = collator(self.tokenizer, seed=int(cfg.get("seed", 0)), **kw)
+        self.eval_collator = collator(self.tokenizer, seed=0, **kw)
         self.eval_collator.eval_mode = True
         self.model = None
         self.bidiffuser = None
@@ -47,7 +60,9 @@ class EasyGenModule(pl.LightningModule):
     # -- data -----------------------------------------------------------------------------------
     @property
     def needs_images(self) -> bool:
-        return self.feature_source in ("auto", "on_the_fly")
+        # with caption-as-image training, evaluation still reads the pictures (i2t features of the
+        # real image: what the model will see at inference)
+        return self.feature_source in ("auto", "on_the_fly", "captions")
 
     def collate(self, samples: list[dict]) -> dict:
         batch = self.train_collator(samples)
@@ -55,6 +70,7 @@ class EasyGenModule(pl.LightningModule):
             # caption-as-image (SPEC §4): a reference caption stands in for the picture
             rng = self.train_collator.rng  # seeded: hash() of strings changes from run to run
             batch["feature_texts"] = [rng.choice(s["captions"]) for s in samples if s.get("captions")]
+            batch["images"] = None  # read for evaluation only
         return batch
 
     def eval_collate(self, samples: list[dict]) -> dict:
@@ -65,11 +81,16 @@ class EasyGenModule(pl.LightningModule):
         if self.model is not None:
             return
         from easygen.model import EasyGen
+        from easygen.t5 import EasyGenT5
 
         llm = build_llm(self.cfg, self.tokenizer)
         if self.cfg["model"]["llm"].get("gradient_checkpointing"):
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = EasyGen(llm, build_projector(self.cfg), tokenizer=self.tokenizer)
+        if self.is_t5:
+            weight = float(self.cfg["model"]["llm"].get("mid_align_weight", 1.0))
+            self.model = EasyGenT5(llm, build_projector(self.cfg), align_weight=weight)
+        else:
+            self.model = EasyGen(llm, build_projector(self.cfg), tokenizer=self.tokenizer)
         if self.feature_source != "extracted":
             self.bidiffuser = build_bidiffuser(self.cfg)
         self._set_trainable()
@@ -80,20 +101,45 @@ class EasyGenModule(pl.LightningModule):
 
             shard_easygen(self, self.device_mesh, self.cfg.get("strategy") or {})
 
+    @property
+    def llm(self):
+        """The language model inside the EasyGen wrapper (`EasyGen.llm`, `EasyGenT5.t5`)."""
+        return self.model.t5 if self.is_t5 else self.model.llm
+
     def _set_trainable(self) -> None:
         m = self.model
         for p in m.parameters():
             p.requires_grad_(False)
         for p in m.projector.parameters():
             p.requires_grad_(True)
+        if self.is_t5:
+            # Mid-Align: the T5 encoder stays frozen (the image enters after it); train_llm trains the decoder
+            if self.stage_cfg.get("train_llm"):
+                for name, p in m.t5.named_parameters():
+                    if not name.startswith("encoder.") and name != "shared.weight":
+                        p.requires_grad_(True)
+            head = m.t5.get_output_embeddings().weight
+            if self.stage_cfg.get("train_lm_head"):
+                if head is m.t5.get_input_embeddings().weight:
+                    # transformers ties T5's lm_head to the shared (encoder) embeddings: Mid-Align keeps them frozen
+                    log.info(
+                        "stage.train_lm_head: the T5 lm_head is the frozen encoder's embedding table; not trained"
+                    )
+                else:
+                    head.requires_grad_(True)
+            m.t5.train(bool(self.stage_cfg.get("train_llm", False)))
+            return
         # eval/chat load adapters trained by instruct, so they apply LoRA too
         uses_adapters = self.stage_cfg.get("train_llm") or self.stage_cfg.get("kind") in ("eval", "chat")
         if self.lora_cfg.get("enabled") and uses_adapters:
             from easygen.lora import apply_lora
 
             m.llm = apply_lora(
-                m.llm, r=int(self.lora_cfg["r"]), alpha=int(self.lora_cfg["alpha"]),
-                dropout=float(self.lora_cfg["dropout"]), target_modules=self.lora_cfg.get("target_modules", "all-linear"),
+                m.llm,
+                r=int(self.lora_cfg["r"]),
+                alpha=int(self.lora_cfg["alpha"]),
+                dropout=float(self.lora_cfg["dropout"]),
+                target_modules=self.lora_cfg.get("target_modules", "all-linear"),
             )
         elif self.stage_cfg.get("train_llm"):
             for p in m.llm.parameters():
@@ -108,12 +154,16 @@ class EasyGenModule(pl.LightningModule):
         from easygen.checkpoint import load_state_dict_file
 
         if not Path(path).exists():
-            raise ConfigError(f"init_from={path} does not exist: set init_from to a checkpoint of an earlier stage")
+            raise ConfigError(
+                f"init_from={path} does not exist: set init_from to a checkpoint of an earlier stage"
+            )
         sd = load_state_dict_file(path)
         own = self.state_dict()
         picked = {k: v for k, v in sd.items() if k in own and k.startswith("model.")}
         if not picked:
-            raise ConfigError(f"init_from={path} holds no weights of this model (expected keys under 'model.')")
+            raise ConfigError(
+                f"init_from={path} holds no weights of this model (expected keys under 'model.')"
+            )
         bad = [k for k, v in picked.items() if own[k].shape != v.shape]
         if bad:
             raise ConfigError(f"init_from={path}: shapes differ for {bad[:5]}")
@@ -135,7 +185,9 @@ class EasyGenModule(pl.LightningModule):
             if self.feature_source == "captions" and batch.get("feature_texts"):
                 return self.bidiffuser.text_features(batch["feature_texts"])
             if batch.get("images") is None:
-                raise ValueError(f"batch {batch['ids'][:3]}...: image samples carry neither features nor pixels")
+                raise ValueError(
+                    f"batch {batch['ids'][:3]}...: image samples carry neither features nor pixels"
+                )
             return self.cached_i2t(batch)
 
     def cached_i2t(self, batch: dict) -> torch.Tensor:
@@ -157,21 +209,58 @@ class EasyGenModule(pl.LightningModule):
         else:
             fresh = {}
         dev = batch["images"].device
-        return torch.stack([fresh[i] if i in fresh else self._feature_cache[i].to(dev, torch.float32) for i in ids])
+        return torch.stack(
+            [fresh[i] if i in fresh else self._feature_cache[i].to(dev, torch.float32) for i in ids]
+        )
+
+    def shuffled(self, feats: torch.Tensor) -> torch.Tensor:
+        """The batch's image features permuted across samples by a seeded derangement (no caption keeps
+        its own picture): the "shuffled images" control of the recipe. The permutation depends on the
+        seed and the global step only, so a rerun trains on the same mismatched pairs."""
+        n = feats.shape[0]
+        if n < 2:
+            return feats
+        gen = torch.Generator().manual_seed(int(self.cfg.get("seed", 0)) * 1_000_003 + int(self.global_step))
+        return feats[derangement(n, gen).to(feats.device)]
 
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         feats = self.image_features(batch)
-        out = self.model(
-            batch["input_ids"], batch["attention_mask"], labels=batch["labels"], features=feats,
-            image_positions=batch["image_positions"], has_image=batch["has_image"],
-        )
+        if self.shuffle_features and feats is not None:
+            feats = self.shuffled(feats)
+        if self.is_t5:
+            out = self.model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                labels=batch["labels"],
+                features=self.t5_features(batch, feats),
+                caption_input_ids=batch.get("caption_input_ids"),
+                caption_attention_mask=batch.get("caption_attention_mask"),
+            )
+            if out.align_loss is not None:
+                self.log("train/mid_align_loss", out.align_loss, batch_size=batch["input_ids"].shape[0])
+        else:
+            out = self.model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                labels=batch["labels"],
+                features=feats,
+                image_positions=batch["image_positions"],
+                has_image=batch["has_image"],
+            )
         bs = batch["input_ids"].shape[0]
         self.last_batch_size = bs
         self.last_num_tokens = int(batch["attention_mask"].sum())
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         log_skipped(self)
         return out.loss
+
+    def t5_features(self, batch: dict, feats: torch.Tensor | None) -> torch.Tensor:
+        """Mid-Align puts the image in front of every encoder output: each sample needs a picture."""
+        if feats is None or not bool(batch["has_image"].all()):
+            ids = [i for i, h in zip(batch["ids"], batch["has_image"].tolist()) if not h]
+            raise ValueError(f"samples {ids[:5]}: the FlanT5 Mid-Align model needs an image in every sample")
+        return feats
 
     def validation_step(self, batch, batch_idx):
         return self.predict_captions(batch)
@@ -182,12 +271,28 @@ class EasyGenModule(pl.LightningModule):
     @torch.no_grad()
     def predict_captions(self, batch, max_new_tokens: int | None = None, num_beams: int | None = None):
         feats = self.image_features(batch)
-        texts = self.model.generate(
-            batch["input_ids"], batch["attention_mask"], features=feats,
-            image_positions=batch["image_positions"], has_image=batch["has_image"],
-            max_new_tokens=int(max_new_tokens or self.stage_cfg.get("max_new_tokens", 24)),
-            num_beams=int(num_beams or self.stage_cfg.get("num_beams", 1)),
-        )
+        max_new_tokens = int(max_new_tokens or self.stage_cfg.get("max_new_tokens", 24))
+        num_beams = int(num_beams or self.stage_cfg.get("num_beams", 1))
+        if self.is_t5:
+            ids = self.model.generate(
+                batch["input_ids"],
+                batch["attention_mask"],
+                features=self.t5_features(batch, feats),
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+            )
+            texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        else:
+            texts = self.model.generate(
+                batch["input_ids"],
+                batch["attention_mask"],
+                features=feats,
+                image_positions=batch["image_positions"],
+                has_image=batch["has_image"],
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+            )
         return {"ids": list(batch["ids"]), "predictions": texts, "references": batch["references"]}
 
     def generate_images(self, prompts: list[str]):
@@ -197,11 +302,18 @@ class EasyGenModule(pl.LightningModule):
 
     def flops_per_sample(self) -> float:
         seq = max(1, self.last_num_tokens // max(1, self.last_batch_size))
+        if self.is_t5:
+            # 2 FLOPs per weight and token forward, backward to the inputs 2 more, weight gradients 2 if trained
+            n = sum(p.numel() for p in self.model.parameters())
+            trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            return float(4 * n + 2 * trained) * seq
         return float(self.model.flops_per_token(seq_len=seq, training=True)) * seq
 
     # -- optimisation and checkpoints -------------------------------------------------------------
     def configure_optimizers(self):
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        total = (
+            self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        )
         return build_optimizer(self.trainer.model.named_parameters(), self.cfg["optim"], int(total))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -215,7 +327,8 @@ class EasyGenModule(pl.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         return {
             k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
-            for k, v in self.state_dict().items() if k in trainable
+            for k, v in self.state_dict().items()
+            if k in trainable
         }
 
     def export_artifacts(self, out: Path) -> dict:
@@ -229,3 +342,15 @@ class EasyGenModule(pl.LightningModule):
             save_state_dict_file(state, path)
             self.tokenizer.save_pretrained(str(path.parent / "tokenizer"))
         return {"weights": str(path)}
+
+
+def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random permutation of range(n) with no fixed point (n >= 2), by rejection: about e
+    draws on average."""
+    if n < 2:
+        raise ValueError(f"no derangement of {n} element(s)")
+    ar = torch.arange(n)
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        if not bool((perm == ar).any()):
+            return perm

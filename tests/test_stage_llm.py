@@ -1,0 +1,399 @@
+"""The LLM stages on the tiny preset, through the real configs and the runner's data and module builders:
+what `stage=pretrain` and `stage=instruct lora=on|off` train (every other parameter bit-identical),
+the three feature sources, the projector's own learning rate, small LoRA checkpoints, the FlanT5
+Mid-Align path (`model.llm.preset=tiny-t5`) and the shuffled-images control."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.conftest import compose
+
+SMALL = [
+    "data.synthetic.n=40",
+    "data.batch_size=4",
+    "data.eval_batch_size=8",
+    "model.bidiffuser.sampler.steps=2",
+    "logger=none",
+    "callbacks=none",
+    "data.shuffle_buffer=8",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("llm-data")
+
+
+def make_cfg(data_dir: Path, out: Path, overrides=()):
+    cfg = compose(
+        [
+            *SMALL,
+            f"paths.data_dir={data_dir}",
+            f"paths.root_dir={data_dir}",
+            f"paths.output_dir={out}",
+            f"paths.work_dir={data_dir}",
+            f"paths.log_dir={data_dir}/logs",
+            *overrides,
+        ]
+    )
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def fit(cfg, steps: int = 2, ckpt_dir: Path | None = None):
+    """Train the stage's module for `steps` steps as `train_stage` does; returns (module, before, trainer)."""
+    from lit_modules.runner import build_datamodule, build_module, ensure_data
+
+    pl.seed_everything(int(cfg.seed))
+    ensure_data(cfg)
+    module = build_module(cfg)
+    module.configure_model()
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    dm = build_datamodule(cfg, module)
+    callbacks = []
+    if ckpt_dir is not None:
+        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        enable_checkpointing=ckpt_dir is not None,
+    )
+    trainer.fit(module, datamodule=dm)
+    return module, before, trainer
+
+
+def changed(module, before) -> set[str]:
+    after = module.state_dict()
+    assert set(after) == set(before)
+    return {k for k, v in after.items() if not torch.equal(v, before[k])}
+
+
+def trainable(module) -> set[str]:
+    return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("source", ["on_the_fly", "captions"])
+def test_pretrain_trains_only_the_projector(data_dir, tmp_path, source):
+    cfg = make_cfg(data_dir, tmp_path, [f"stage.feature_source={source}"])
+    module, before, _ = fit(cfg, steps=2)
+    diff = changed(module, before)
+    projector = {k for k in before if k.startswith("model.projector.")}
+    # every projector tensor moved, nothing else did (LLM, lm_head, BiDiffuser: bit-identical)
+    assert diff == projector, sorted(diff ^ projector)[:10]
+    assert trainable(module) == projector
+
+
+def test_pretrain_on_extracted_features(data_dir, tmp_path):
+    """Shards written by the extract stage's shard writer: features come from `features.npy`, no BiDiffuser
+    is built, and the batch carries the stored features exactly."""
+    from data_modules.shards import expand_urls
+    from lit_modules.builders import build_bidiffuser
+    from lit_modules.extract import extract_shard
+    from lit_modules.runner import container, ensure_data
+
+    base = make_cfg(data_dir, tmp_path)
+    ensure_data(base)
+    pipe = build_bidiffuser(container(base))
+    shards = tmp_path / "extracted"
+    for split, spec in (("train", base.data.train[0].urls), ("val", base.data.val)):
+        (shards / split).mkdir(parents=True)
+        for url in expand_urls(spec):
+            extract_shard(pipe, url, shards / split / Path(url).name, int(base.model.image_size), 8, "cpu")
+    cfg = make_cfg(
+        data_dir,
+        tmp_path / "run",
+        [
+            "stage.feature_source=extracted",
+            f"data.train=[{{urls:'{shards}/train/*.tar',weight:1.0}}]",
+            f"data.val='{shards}/val/*.tar'",
+            f"data.test='{shards}/val/*.tar'",
+            "data.samples_per_epoch=32",
+        ],
+    )
+    module, before, _ = fit(cfg, steps=2)
+    assert module.bidiffuser is None
+    assert changed(module, before) == {k for k in before if k.startswith("model.projector.")}
+    batch = next(iter(module.trainer.datamodule.train_dataloader()))
+    feats = module.image_features(batch)
+    assert feats.shape == (4, int(cfg.model.num_image_tokens), int(cfg.model.feature_dim))
+    assert torch.equal(feats, batch["features"])
+
+
+def test_pretrain_lm_head_is_a_choice(data_dir, tmp_path):
+    cfg = make_cfg(data_dir, tmp_path, ["stage.feature_source=captions", "stage.train_lm_head=true"])
+    module, before, _ = fit(cfg, steps=1)
+    expected = {k for k in before if k.startswith(("model.projector.", "model.llm.lm_head."))}
+    assert changed(module, before) == expected
+
+
+def test_instruct_lora_trains_adapters_and_projector_small_checkpoint(data_dir, tmp_path):
+    cfg = make_cfg(data_dir, tmp_path, ["stage=instruct", "lora=on", "stage.feature_source=captions"])
+    module, before, trainer = fit(cfg, steps=2, ckpt_dir=tmp_path / "ckpt")
+    diff = changed(module, before)
+    lora_b = {k for k in before if "lora_B" in k}
+    projector = {k for k in before if k.startswith("model.projector.")}
+    assert lora_b and projector <= diff
+    assert lora_b <= diff  # B starts at zero: every adapter learned
+    assert all("lora_" in k or k.startswith("model.projector.") for k in diff)
+    names = trainable(module)
+    assert all("lora_" in n or n.startswith("model.projector.") for n in names)
+    # the checkpoint holds exactly the trained tensors: adapters + projector, far smaller than the LLM
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert set(ckpt["state_dict"]) == names
+    saved = sum(v.numel() for v in ckpt["state_dict"].values())
+    llm = sum(p.numel() for p in module.model.llm.parameters() if not p.requires_grad)
+    assert saved < llm / 3, (saved, llm)
+    # the exported weights start a chat/eval module that applies the same adapters
+    art = module.export_artifacts(tmp_path / "export")
+    from easygen.checkpoint import load_state_dict_file
+
+    assert set(load_state_dict_file(art["weights"])) == names
+
+
+def test_instruct_full_llm_and_projector_own_lr(data_dir, tmp_path):
+    # projector_lr 0: the projector keeps its weights while the whole LLM trains at optim.lr
+    cfg = make_cfg(
+        data_dir,
+        tmp_path,
+        [
+            "stage=instruct",
+            "lora=off",
+            "stage.feature_source=captions",
+            "optim.lr=1e-3",
+            "optim.projector_lr=0.0",
+        ],
+    )
+    module, before, trainer = fit(cfg, steps=2)
+    diff = changed(module, before)
+    llm = {k for k in before if k.startswith("model.llm.")}
+    assert not any(k.startswith("model.projector.") for k in diff)
+    assert not any(k.startswith("bidiffuser.") for k in diff)
+    # every LLM weight that takes part in the loss moved; unused embedding rows do not make a tensor equal
+    assert diff == llm, sorted(llm - diff)[:10]
+    groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
+    assert groups["projector"]["initial_lr"] == 0.0 and groups["decay"]["initial_lr"] == 1e-3
+
+
+def test_projector_learning_rate_in_the_optimizer(data_dir, tmp_path):
+    cfg = make_cfg(
+        data_dir,
+        tmp_path,
+        [
+            "stage=instruct",
+            "lora=on",
+            "stage.feature_source=captions",
+            "optim.lr=2e-5",
+            "optim.projector_lr=1e-3",
+        ],
+    )
+    module, before, trainer = fit(cfg, steps=1)
+    groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
+    proj_ids = {id(p) for p in module.model.projector.parameters()}
+    assert {id(p) for p in groups["projector"]["params"]} == proj_ids
+    assert groups["projector"]["initial_lr"] == 1e-3
+    others = [g for n, g in groups.items() if n != "projector"]
+    assert others and all(g["initial_lr"] == 2e-5 for g in others)
+    assert all(id(p) not in proj_ids for g in others for p in g["params"])
+
+
+# -- shuffled images control ------------------------------------------------------------------------
+
+
+def test_derangement_has_no_fixed_point_and_is_seeded():
+    from lit_modules.easygen_module import derangement
+
+    for n in (2, 3, 5, 16):
+        for seed in range(20):
+            p = derangement(n, torch.Generator().manual_seed(seed))
+            assert sorted(p.tolist()) == list(range(n))
+            assert not bool((p == torch.arange(n)).any())
+            assert torch.equal(p, derangement(n, torch.Generator().manual_seed(seed)))
+    seen = {tuple(derangement(4, torch.Generator().manual_seed(s)).tolist()) for s in range(200)}
+    assert len(seen) == 9  # all derangements of 4 elements occur
+    with pytest.raises(ValueError, match="derangement"):
+        derangement(1, torch.Generator())
+
+
+def test_shuffle_features_pairs_captions_with_other_pictures(data_dir, tmp_path):
+    """With stage.shuffle_features the training loss is the model's loss on the batch with its feature rows
+    permuted by a derangement; without it, on the true pairs; evaluation is never shuffled."""
+    from lit_modules.runner import build_module, ensure_data
+
+    feats = {}
+    for flag in (False, True):
+        cfg = make_cfg(
+            data_dir, tmp_path, ["stage.feature_source=captions", f"stage.shuffle_features={flag}"]
+        )
+        ensure_data(cfg)
+        module = build_module(cfg)
+        module.configure_model()
+        samples = [
+            {"id": f"s{i}", "kind": "caption", "captions": [c]}
+            for i, c in enumerate(
+                [
+                    "a small red circle on the left",
+                    "a large blue square at the top",
+                    "a green cross in the center",
+                    "a small yellow triangle on the right",
+                    "a large purple circle at the bottom",
+                ]
+            )
+        ]
+        batch = module.collate(samples)
+        true = module.image_features(batch)
+        seen = []
+        orig = module.model.forward
+
+        def spy(*args, _seen=seen, _orig=orig, **kwargs):
+            _seen.append(kwargs["features"])
+            return _orig(*args, **kwargs)
+
+        module.model.forward = spy
+        module.log = lambda *a, **k: None
+        module.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+        loss = module.training_step(batch, 0)
+        module.model.forward = orig
+        used = seen[0]
+        if not flag:
+            assert torch.equal(used, true)
+            feats["plain"] = loss
+            continue
+        # every row is some other sample's feature
+        match = (used[:, None] == true[None]).flatten(2).all(-1).int()
+        assert (match.sum(1) == 1).all()
+        perm = match.argmax(1)
+        assert not bool((perm == torch.arange(5)).any())
+        expect = module.model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            labels=batch["labels"],
+            features=true[perm],
+            image_positions=batch["image_positions"],
+            has_image=batch["has_image"],
+        ).loss
+        assert torch.equal(loss.detach(), expect.detach())
+        assert not torch.equal(loss.detach(), feats["plain"].detach())
+        # evaluation reads the true pictures, in order (caption-as-image is a training trick only)
+        images = torch.rand(5, 3, int(cfg.model.image_size), int(cfg.model.image_size))
+        eval_batch = module.eval_collate([dict(s, image=im) for s, im in zip(samples, images)])
+        module._feature_cache.clear()
+        got = module.image_features(eval_batch)
+        assert torch.equal(got, module.bidiffuser.i2t_features(images))
+
+
+# -- FlanT5 Mid-Align ---------------------------------------------------------------------------------
+
+
+def test_t5_collator_prompt_labels_and_captions():
+    from easygen.t5_collate import T5Collator
+    from easygen.templates import IGNORE_INDEX
+    from easygen.tokenization import build_tokenizer
+
+    tok = build_tokenizer("llama", ["a red circle", "what colour is it"], vocab_size=300)
+    col = T5Collator(tok, max_length=64)
+    feats = torch.randn(16, 8)
+    batch = col(
+        [
+            {"id": "c", "kind": "caption", "captions": ["a red circle"], "features": feats},
+            {
+                "id": "v",
+                "kind": "vqa",
+                "question": "what colour is it?",
+                "answers": ["red", "red", "blue"],
+                "features": feats,
+                "captions": ["a red circle on black"],
+            },
+        ]
+    )
+    eos = tok.eos_token_id
+    for b, answer in enumerate(["a red circle", "red"]):
+        row = batch["labels"][b]
+        ids = row[row != IGNORE_INDEX].tolist()
+        assert ids == tok(answer, add_special_tokens=False)["input_ids"] + [eos]
+    prompt = tok.decode(batch["input_ids"][1][batch["attention_mask"][1].bool()], skip_special_tokens=True)
+    assert "what colour is it? please giving an short answer." in prompt and "<image>" not in prompt
+    assert batch["has_image"].all() and batch["features"].shape == (2, 16, 8)
+    cap = batch["caption_input_ids"][0][batch["caption_attention_mask"][0].bool()].tolist()
+    assert cap == tok("a red circle", add_special_tokens=False)["input_ids"] + [eos]
+    with pytest.raises(ValueError, match="sample x"):
+        col([{"id": "x", "kind": "caption", "captions": ["a"]}])  # an image marker with nothing to place
+
+
+def test_t5_mid_align_stage(data_dir, tmp_path):
+    """`model.llm.preset=tiny-t5`: EasyGenT5 in the stage module; pretrain trains only the projector, with the
+    feature-matching term in the loss; its loss equals LM loss + weight * MSE; generation gives text."""
+    from easygen.t5 import EasyGenT5
+
+    cfg = make_cfg(
+        data_dir,
+        tmp_path,
+        ["model.llm.preset=tiny-t5", "stage.feature_source=captions", "model.llm.mid_align_weight=0.5"],
+    )
+    module, before, _ = fit(cfg, steps=2)
+    assert isinstance(module.model, EasyGenT5)
+    assert changed(module, before) == {k for k in before if k.startswith("model.projector.")}
+    module.eval()
+    samples = [
+        {"id": f"s{i}", "kind": "caption", "captions": [c]}
+        for i, c in enumerate(["a small red circle on the left", "a large blue square at the top"])
+    ]
+    batch = module.collate(samples)
+    assert batch["caption_input_ids"] is not None
+    feats = module.image_features(batch)
+    with torch.no_grad():
+        out = module.model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            labels=batch["labels"],
+            features=feats,
+            caption_input_ids=batch["caption_input_ids"],
+            caption_attention_mask=batch["caption_attention_mask"],
+        )
+        ref = module.model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], features=None)
+    assert out.align_loss is not None and float(out.align_loss) > 0
+    assert math.isclose(float(out.loss), float(out.lm_loss) + 0.5 * float(out.align_loss), rel_tol=1e-6)
+    # without the image the logits differ: the projected tokens really reach the decoder
+    assert not torch.allclose(out.logits, ref.logits)
+    # eval generation
+    size = int(cfg.model.image_size)
+    res = module.predict_captions(
+        module.eval_collate([dict(s, image=torch.rand(3, size, size)) for s in samples]), max_new_tokens=4
+    )
+    assert len(res["predictions"]) == 2 and all(isinstance(t, str) for t in res["predictions"])
+
+
+def test_t5_instruct_trains_decoder_not_encoder(data_dir, tmp_path):
+    cfg = make_cfg(
+        data_dir, tmp_path, ["stage=instruct", "model.llm.preset=tiny-t5", "stage.feature_source=captions"]
+    )
+    module, before, _ = fit(cfg, steps=1)
+    diff = changed(module, before)
+    assert any(k.startswith("model.t5.decoder.") for k in diff) and any(
+        k.startswith("model.projector.") for k in diff
+    )
+    assert not any(k.startswith(("model.t5.encoder.", "model.t5.shared.")) for k in diff), [
+        k for k in diff if "encoder" in k or "shared" in k
+    ]
+
+
+def test_t5_with_lora_is_a_config_error(data_dir, tmp_path):
+    from lit_modules.errors import ConfigError
+    from lit_modules.runner import build_module
+
+    cfg = make_cfg(data_dir, tmp_path, ["stage=instruct", "lora=on", "model.llm.preset=tiny-t5"])
+    with pytest.raises(ConfigError, match="lora=off"):
+        build_module(cfg)
