@@ -43,22 +43,45 @@ def eval_stage(cfg) -> dict:
     dm = build_datamodule(cfg, module)
     cb = VQAEvalCallback(prefix="test") if task == "vqa" else CaptionEvalCallback(prefix="test")
     trainer = pl.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
-        precision=cfg.trainer.precision, strategy=build_strategy(cfg.strategy, cfg.trainer), logger=False,
-        callbacks=[cb], enable_checkpointing=False, enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        precision=cfg.trainer.precision,
+        strategy=build_strategy(cfg.strategy, cfg.trainer),
+        logger=False,
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
     )
     trainer.validate(module, dataloaders=dm.test_dataloader(), verbose=False)
     preds = cb.last_predictions
     if trainer.is_global_zero:
-        if task == "coco_caption":
-            rows = [{"image_id": k, "caption": v} for k, v in sorted(preds.items())]
-        else:
-            rows = [{"question_id": k, "answer": v} for k, v in sorted(preds.items())]
-        (out / "predictions.json").write_text(json.dumps(rows, indent=1))
+        (out / "predictions.json").write_text(json.dumps(prediction_rows(task, preds), indent=1))
     metrics = {f"test/{k}": float(v) for k, v in cb.last_scores.items()}
-    return {"global_step": 0, "task": task, "metrics": metrics, "best": {}, "checkpoints": {},
-            "num_samples": len(preds), "artifacts": {"predictions": str(out / "predictions.json")},
-            "is_global_zero": trainer.is_global_zero}
+    return {
+        "global_step": 0,
+        "task": task,
+        "metrics": metrics,
+        "best": {},
+        "checkpoints": {},
+        "num_samples": len(preds),
+        "artifacts": {"predictions": str(out / "predictions.json")},
+        "is_global_zero": trainer.is_global_zero,
+    }
+
+
+def _result_id(key: str) -> int | str:
+    """COCO and VQAv2 ids are integers in their results files (``cocoid``, ``question_id``); other
+    sets keep their string ids."""
+    return int(key) if key.isdigit() else key
+
+
+def prediction_rows(task: str, predictions: dict[str, str]) -> list[dict]:
+    """Per-sample predictions in the official results formats, sorted by id: COCO captions
+    ``[{"image_id", "caption"}]``, VQAv2 ``[{"question_id", "answer"}]``."""
+    field, text = ("image_id", "caption") if task == "coco_caption" else ("question_id", "answer")
+    rows = [{field: _result_id(k), text: v} for k, v in predictions.items()]
+    return sorted(rows, key=lambda r: (isinstance(r[field], str), r[field]))
 
 
 class VQAEvalCallback(CaptionEvalCallback):
@@ -73,8 +96,17 @@ def t2i_eval(cfg, module, out: Path) -> dict:
     when their local weights are configured (`stage.clip_model`, `stage.inception`)."""
     from lit_modules.datamodule import StageDataModule
 
+    # weights for the scores are read from local paths: check them before generating anything
+    for key in ("clip_model", "inception"):
+        value = cfg.stage.get(key)
+        if value and not Path(str(value)).exists():
+            raise ConfigError(
+                f"stage.{key}={value} does not exist (local weights only; null skips that score)"
+            )
     module.configure_model()
-    dm = StageDataModule(test=cfg.data.test, image_size=int(cfg.model.image_size), batch_size=8, num_workers=0)
+    dm = StageDataModule(
+        test=cfg.data.test, image_size=int(cfg.model.image_size), batch_size=8, num_workers=0
+    )
     ds = dm.eval_dataset("test")
     limit = int(cfg.stage.get("t2i_limit") or len(ds))
     samples = [s for s in (ds[i] for i in range(min(limit, len(ds)))) if s is not None]
@@ -95,7 +127,20 @@ def t2i_eval(cfg, module, out: Path) -> dict:
         metrics["test/CLIPScore"] = float(clip_score(fake, prompts, str(cfg.stage.clip_model)))
     if cfg.stage.get("inception"):
         metrics["test/FID"] = float(fid_score(real, fake, str(cfg.stage.inception)))
-    (out / "predictions.json").write_text(json.dumps([{"image_id": s["id"], "prompt": p, "file": f"images/{s['id']}.png"}
-                                                      for s, p in zip(samples, prompts)], indent=1))
-    return {"global_step": 0, "task": "t2i", "metrics": metrics, "best": {}, "checkpoints": {},
-            "artifacts": {"images": str(folder)}}
+    (out / "predictions.json").write_text(
+        json.dumps(
+            [
+                {"image_id": s["id"], "prompt": p, "file": f"images/{s['id']}.png"}
+                for s, p in zip(samples, prompts)
+            ],
+            indent=1,
+        )
+    )
+    return {
+        "global_step": 0,
+        "task": "t2i",
+        "metrics": metrics,
+        "best": {},
+        "checkpoints": {},
+        "artifacts": {"images": str(folder)},
+    }
