@@ -18,6 +18,7 @@ the models from a training checkpoint's config is the config layer's job (``lit_
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -97,6 +98,7 @@ def export_model(
         model.setdefault("bidiffuser", {})["weights"] = str(out / "bidiffuser" / "bidiffuser.safetensors")
 
     linears = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)]
+    written_uvit = uvit if uvit is not None else (bidiffuser.uvit if bidiffuser is not None else None)
     meta = {
         "format": "easygen-export/1",
         "source": source,
@@ -105,6 +107,8 @@ def export_model(
             "hidden_dim": linears[0].out_features,
             "out_dim": linears[-1].out_features,
         },
+        # `easygen.bidiffuser.load_uvit("bidiffuser/uvit.pth", **uvit_config)` rebuilds the network
+        "uvit_config": dataclasses.asdict(written_uvit.config) if written_uvit is not None else None,
         # what `stage=chat` / `stage=eval` need: the model config, the projector weights, no adapters
         "config": {"model": model, "init_from": str(out / "trained.safetensors"), "lora": {"enabled": False}},
     }

@@ -153,7 +153,8 @@ def test_export_writes_unidiffuser_uvit_and_a_config_the_stages_accept(lora_run)
     assert "pos_embed" in raw and any(
         k.startswith("in_blocks.0.attn.qkv") for k in raw
     )  # UniDiffuser's names
-    uvit = load_uvit(out / "bidiffuser" / "uvit.pth")
+    meta = json.loads((out / "easygen.json").read_text())
+    uvit = load_uvit(out / "bidiffuser" / "uvit.pth", **meta["uvit_config"])
     for k, v in module.bidiffuser.uvit.state_dict().items():
         torch.testing.assert_close(uvit.state_dict()[k], v, atol=0, rtol=0)
     meta = json.loads((out / "easygen.json").read_text())

@@ -18,7 +18,7 @@ import torch
 from lit_modules.errors import ConfigError
 from tests.conftest import ROOT
 
-MAX_STEPS = 30
+MAX_STEPS = 12
 ARGS = [
     "stage=instruct",
     "data.synthetic.n=80",
@@ -62,7 +62,7 @@ def test_sigkill_then_resume_continues_step_and_schedule(tmp_path, run_env):
     )
     try:
         deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None and _saved_step(last) < 4:
+        while time.time() < deadline and proc.poll() is None and _saved_step(last) < 2:
             time.sleep(0.2)
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-3000:]}"
         os.kill(proc.pid, signal.SIGKILL)
@@ -70,7 +70,7 @@ def test_sigkill_then_resume_continues_step_and_schedule(tmp_path, run_env):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     killed_at = _saved_step(last)
-    assert 4 <= killed_at < MAX_STEPS
+    assert 2 <= killed_at < MAX_STEPS
     assert not (out / "results.json").exists()
 
     r = subprocess.run(
@@ -85,7 +85,7 @@ def test_sigkill_then_resume_continues_step_and_schedule(tmp_path, run_env):
     res = json.loads((out / "results.json").read_text())
     assert res["global_step"] == MAX_STEPS
     assert res["resumed_from"].endswith("last.ckpt")
-    assert f"skipping {killed_at} batches" in r.stderr
+    assert f"skipping {killed_at} batches" in r.stdout + r.stderr
 
     with open(out / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
