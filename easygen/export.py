@@ -5,7 +5,7 @@ Layout of an export folder::
     llm/                         the LLM in transformers format (LoRA adapters merged in) + its tokenizer
     projector.safetensors        the projector (keys of ``easygen.projector.Projector``)
     bidiffuser/uvit.pth          the U-ViT in UniDiffuser's original key format (UniDiffuser's tools read it)
-    bidiffuser/bidiffuser.safetensors   every BiDiffuser part (VAE, CLIP, caption decoder, U-ViT)
+    bidiffuser/bidiffuser.safetensors   every BiDiffuser part (VAE, CLIPs, caption decoder, U-ViT)
     trained.safetensors          the projector under ``model.projector.*``, what `init_from=` reads
     export/easygen.yaml          the config for `python run.py --config-dir OUT +export=easygen stage=chat|eval`
     easygen.json                 the same as JSON, plus the projector's shape for `load_export`

@@ -22,10 +22,12 @@ def _policy(strategy_cfg: dict, device_type: str):
     )
 
 
-def _checkpoint(block: nn.Module) -> nn.Module:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+def _checkpoint(block: nn.Module) -> None:
+    """Activation checkpointing in place (the composable API): parameter names stay as they are, so
+    checkpoints, `init_from` and exports read the same keys with and without it."""
+    from torch.distributed._composable import checkpoint
 
-    return checkpoint_wrapper(block)
+    checkpoint(block)
 
 
 def _mesh(device_mesh):
@@ -46,8 +48,8 @@ def shard_blocks(
         reshard_after_forward=bool(strategy_cfg.get("reshard_after_forward", True)),
     )
     if strategy_cfg.get("activation_checkpointing"):
-        for i in range(len(blocks)):
-            blocks[i] = _checkpoint(blocks[i])
+        for block in blocks:
+            _checkpoint(block)
     for block in blocks:
         fully_shard(block, **kw)
     for unit in extra_units:
@@ -56,13 +58,17 @@ def shard_blocks(
 
 
 def shard_easygen(module, device_mesh, strategy_cfg: dict) -> None:
+    if getattr(module, "is_t5", False):
+        t5 = module.model.t5
+        blocks = nn.ModuleList([*t5.encoder.block, *t5.decoder.block])  # a view: the blocks stay where they are
+        shard_blocks(blocks, module.model, device_mesh, strategy_cfg, extra_units=(t5.shared, module.model.projector, t5))
+        return
     llm = module.model.llm
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    layers = base.model.layers
     # the causal-LM wrapper is a unit of its own: generation calls it directly (not through EasyGen),
     # and it holds the final norm and lm_head
     shard_blocks(
-        layers,
+        base.model.layers,
         module.model,
         device_mesh,
         strategy_cfg,
