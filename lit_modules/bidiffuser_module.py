@@ -1,20 +1,29 @@
 """The LightningModule of BiDiffuser fine-tuning (`stage=bidiffuser`, SPEC §3, §5): the U-ViT trained
 with the paper's two-conditional loss (or the reference's / UniDiffuser's, by configuration) on
 image-caption pairs, an EMA of its weights, and validation captions from the EMA network through the
-caption decoder. The frozen encoders run on the fly; their outputs are the training targets."""
+caption decoder.
+
+The training targets are the frozen encoders' outputs: read from the shards when they carry them
+(`stage=extract stage.what=encoders` writes VAE moments, the CLIP image embedding and each caption's text
+latent, as the reference trains from precomputed features), computed from the pixels otherwise
+(`stage.encoder_source`: auto | precomputed | online)."""
 
 from __future__ import annotations
 
-import copy
 import random
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from lit_modules.builders import build_bidiffuser
 from lit_modules.datamodule import log_skipped
+from lit_modules.encoder_outputs import ENCODER_MEMBERS, ShardMembers, encoder_outputs
+from lit_modules.errors import ConfigError
 from lit_modules.optim import build_optimizer
+
+ENCODER_SOURCES = ("auto", "precomputed", "online")
 
 
 def _stack_images(samples: list[dict]) -> torch.Tensor:
@@ -24,13 +33,36 @@ def _stack_images(samples: list[dict]) -> torch.Tensor:
     return torch.stack([torch.as_tensor(s["image"]) for s in samples])
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _full_state(module: torch.nn.Module) -> dict:
     """Every rank calls this; sharded (FSDP2) tensors are gathered."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in module.state_dict().items()}
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+        for k, v in module.state_dict().items()
+    }
+
+
+def unused_heads(objective: str, clean_img_term: bool) -> list[str]:
+    """U-ViT output heads that get no gradient under `objective`.
+
+    The reference objective only scores the text output (and, with its clean-image term, the latent
+    output): the CLIP-image head, and the latent head without that term, never reach the loss. Frozen,
+    they leave DDP no unused parameters to search for and the optimiser nothing to decay."""
+    if objective != "reference":
+        return []
+    return ["clip_img_out"] if clean_img_term else ["clip_img_out", "decoder_pred"]
+
+
+def shared_timestep_for(stage_cfg: dict) -> bool:
+    """`stage.shared_timestep`, where null means the objective's own: the reference draws one index per batch."""
+    value = stage_cfg.get("shared_timestep")
+    if value is None:
+        return stage_cfg.get("objective", "bidiffuser") == "reference"
+    return bool(value)
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(msg).split())
 
 
 class BiDiffuserModule(pl.LightningModule):
@@ -41,20 +73,69 @@ class BiDiffuserModule(pl.LightningModule):
         self.save_hyperparameters({"cfg": cfg})
         self.cfg = cfg
         self.stage_cfg = cfg["stage"]
+        source = self.stage_cfg.get("encoder_source", "auto")
+        if source not in ENCODER_SOURCES:
+            raise ConfigError(f"stage.encoder_source={source!r}: choose {'|'.join(ENCODER_SOURCES)}")
+        self.encoder_source = source
         self.strict_loading = False
         self.bidiffuser = None
+        self.ema = None
         self.ema_uvit = None
         self.rng = random.Random(int(cfg.get("seed", 0)))
+        self.members = ShardMembers()
         self.last_batch_size = 0
         self.last_num_tokens = 0
+        self._ema_step = -1
 
     # -- data -----------------------------------------------------------------------------------
     def collate(self, samples: list[dict]) -> dict:
-        return {
+        outputs = (
+            None if self.encoder_source == "online" else [encoder_outputs(s, self.members) for s in samples]
+        )
+        if outputs is not None and any(o is None for o in outputs):
+            if self.encoder_source == "precomputed":
+                s = samples[[o is None for o in outputs].index(True)]
+                raise ValueError(
+                    f"stage.encoder_source=precomputed but sample {s.get('__key__')!r} of shard {s.get('__url__')} "
+                    f"carries no {'/'.join(ENCODER_MEMBERS.values())}: run stage=extract stage.what=encoders "
+                    "or set stage.encoder_source=auto"
+                )
+            outputs = None
+        picks = [self.rng.randrange(len(s["captions"])) for s in samples]
+        batch = {
             "ids": [s.get("id", "?") for s in samples],
-            "images": _stack_images(samples),
-            "captions": [self.rng.choice(s["captions"]) for s in samples],
+            "captions": [s["captions"][i] for s, i in zip(samples, picks)],
         }
+        if outputs is None:
+            batch["images"] = _stack_images(samples)
+            return batch
+        for s, o in zip(samples, outputs):
+            self._check_encoder_outputs(s, o)
+        batch["moments"] = torch.from_numpy(np.stack([o["moments"] for o in outputs])).float()
+        batch["clip_img"] = torch.from_numpy(np.stack([o["clip_img"] for o in outputs])).float()
+        batch["text_latents"] = torch.from_numpy(
+            np.stack([o["text_latents"][i] for o, i in zip(outputs, picks)])
+        ).float()
+        return batch
+
+    def _check_encoder_outputs(self, sample: dict, out: dict) -> None:
+        """Shapes against the U-ViT being trained; an error names the shard, key and member."""
+        where = f"shard {sample.get('__url__')}, key {sample.get('__key__')!r}"
+        if self.bidiffuser is not None:
+            c = self.bidiffuser.uvit.config
+            expected = {
+                "moments": (2 * c.in_chans, c.img_size, c.img_size),
+                "clip_img": (1, c.clip_img_dim),
+                "text_latents": (len(sample["captions"]), c.num_text_tokens, c.text_dim),
+            }
+        else:
+            expected = {"text_latents": (len(sample["captions"]), *out["text_latents"].shape[1:])}
+        for name, shape in expected.items():
+            if tuple(out[name].shape) != shape:
+                raise ValueError(
+                    f"{where}, member .{ENCODER_MEMBERS[name]}: expected shape {shape} "
+                    f"(one text latent per json caption), got {tuple(out[name].shape)}"
+                )
 
     def eval_collate(self, samples: list[dict]) -> dict:
         return {
@@ -67,17 +148,26 @@ class BiDiffuserModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.bidiffuser is not None:
             return
-        pipe = build_bidiffuser(self.cfg)
-        for p in pipe.uvit.parameters():
-            p.requires_grad_(True)
-        if self.stage_cfg.get("train_caption_decoder"):
+        from easygen.bidiffuser.ema import EMA
+
+        pipe = self._build_pipeline()
+        s = self.stage_cfg
+        frozen = set(unused_heads(s.get("objective", "bidiffuser"), bool(s.get("clean_img_term", False))))
+        if not s.get("freeze_unused_heads", True):
+            frozen = set()
+        for name, p in pipe.uvit.named_parameters():
+            p.requires_grad_(name.split(".")[0] not in frozen)
+        if s.get("train_caption_decoder"):
             for p in pipe.caption_decoder.gpt.parameters():
                 p.requires_grad_(True)
             for p in pipe.caption_decoder.decode_prefix.parameters():
                 p.requires_grad_(True)
         pipe.uvit.train()
         self.bidiffuser = pipe
-        self.ema_uvit = copy.deepcopy(pipe.uvit).eval().requires_grad_(False)
+        self.ema = EMA(
+            pipe.uvit, decay=float(s.get("ema_decay", 0.9999)), warmup=bool(s.get("ema_warmup", True))
+        )
+        self.ema_uvit = self.ema.module  # registered here: checkpointed as ema_uvit.*
         if self.device_mesh is not None:
             from lit_modules.fsdp import shard_uvit
 
@@ -85,25 +175,68 @@ class BiDiffuserModule(pl.LightningModule):
             shard_uvit(self.bidiffuser.uvit, self.device_mesh, self.cfg.get("strategy") or {})
             shard_uvit(self.ema_uvit, self.device_mesh, self.cfg.get("strategy") or {})
 
+    def _build_pipeline(self):
+        """The BiDiffuser of `model.bidiffuser`; a checkpoint that does not fit is one ConfigError line."""
+        b = self.cfg["model"]["bidiffuser"]
+        try:
+            return build_bidiffuser(self.cfg)
+        except ConfigError:
+            raise
+        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
+            where = (
+                f"model.bidiffuser.uvit={b.get('uvit')}" if b.get("preset") == "v1" else "model.bidiffuser"
+            )
+            raise ConfigError(
+                f"{where} (preset {b.get('preset')}) cannot be loaded: {_one_line(exc)}"
+            ) from None
+
     # -- steps ----------------------------------------------------------------------------------
+    def encoder_targets(self, batch: dict) -> dict[str, torch.Tensor]:
+        """z0, clip0, y0 for the loss (and the captions' CLIP-L states when the caption decoder trains):
+        from the batch's precomputed outputs, or the frozen encoders."""
+        from easygen.bidiffuser.autoencoder import sample_latent
+
+        pipe = self.bidiffuser
+        out = {}
+        with torch.no_grad():
+            if self.stage_cfg.get("train_caption_decoder"):
+                out["clip_text"] = pipe.clip_text(batch["captions"])
+            if "moments" in batch:
+                out["z0"] = sample_latent(batch["moments"].to(self.device))
+                out["clip0"] = batch["clip_img"].to(self.device)
+                out["y0"] = batch["text_latents"].to(self.device)
+                return out
+            enc = pipe.encode_images(batch["images"], generator=self._generator())
+            clip_text = out["clip_text"] if "clip_text" in out else pipe.clip_text(batch["captions"])
+            out.update(z0=enc["z"], clip0=enc["clip_img"], y0=pipe.caption_decoder.encode_prefix(clip_text))
+        return out
+
+    def _generator(self) -> torch.Generator:
+        # a fresh latent draw per step (the pipeline's own default is its fixed sampler seed)
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def training_step(self, batch, batch_idx):
         from easygen.bidiffuser.loss import bidiffuser_loss
 
         pipe = self.bidiffuser
-        with torch.no_grad():
-            enc = pipe.encode_images(batch["images"])
-            clip_text = pipe.clip_text(batch["captions"])
-        y0 = pipe.caption_decoder.encode_prefix(clip_text).detach()
+        t = self.encoder_targets(batch)
         s = self.stage_cfg
         losses = bidiffuser_loss(
-            pipe.uvit, pipe.schedule, enc["z"], enc["clip_img"], y0, objective=s.get("objective", "bidiffuser"),
-            alpha=float(s.get("alpha", 1.0)), shared_timestep=bool(s.get("shared_timestep", False)),
+            pipe.uvit,
+            pipe.schedule,
+            t["z0"],
+            t["clip0"],
+            t["y0"],
+            objective=s.get("objective", "bidiffuser"),
+            alpha=float(s.get("alpha", 1.0)),
+            shared_timestep=shared_timestep_for(s),
             clean_img_term=bool(s.get("clean_img_term", False)),
         )
         loss = losses["loss"]
-        bs = batch["images"].shape[0]
+        bs = t["z0"].shape[0]
         if s.get("train_caption_decoder"):
-            dec_loss = self.caption_decoder_loss(batch["captions"], clip_text)
+            dec_loss = self.caption_decoder_loss(batch["captions"], t["clip_text"])
             loss = loss + dec_loss
             self.log("train/loss_caption_decoder", dec_loss, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -117,7 +250,7 @@ class BiDiffuserModule(pl.LightningModule):
         """Teacher-forced loss of the caption decoder on the captions it should recover from their latents."""
         dec = self.bidiffuser.caption_decoder
         tok = dec.tokenizer
-        ids = [tok(c, add_special_tokens=False)["input_ids"][: 60] + [dec.eos_token_id] for c in captions]
+        ids = [tok(c, add_special_tokens=False)["input_ids"][:60] + [dec.eos_token_id] for c in captions]
         width = max(len(x) for x in ids)
         tokens = torch.zeros(len(ids), width, dtype=torch.long, device=clip_text.device)
         mask = torch.zeros_like(tokens)
@@ -126,14 +259,18 @@ class BiDiffuserModule(pl.LightningModule):
             mask[i, : len(x)] = 1
         return dec(tokens, clip_text, mask)
 
+    def on_train_start(self) -> None:
+        self._ema_step = self.trainer.global_step
+
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # EMA with the usual warmup (decay grows as (1+n)/(10+n) up to ema_decay), so short runs move too
         step = self.trainer.global_step
-        decay = min(float(self.stage_cfg.get("ema_decay", 0.9999)), (1 + step) / (10 + step))
-        ema_p = [_local(p) for p in self.ema_uvit.parameters()]
-        src_p = [_local(p.detach()) for p in self.bidiffuser.uvit.parameters()]
-        torch._foreach_lerp_(ema_p, [p.to(e.dtype) for p, e in zip(src_p, ema_p)], 1.0 - decay)
+        if step == self._ema_step:
+            return  # gradient accumulation: no optimiser step since the last update
+        self._ema_step = step
+        # the warmup follows the optimiser step, so a resumed run continues the same decay schedule
+        self.ema.num_updates = step - 1
+        self.ema.update(self.bidiffuser.uvit)
 
     def validation_step(self, batch, batch_idx):
         return self.predict_captions(batch)
@@ -156,7 +293,9 @@ class BiDiffuserModule(pl.LightningModule):
 
     # -- optimisation and checkpoints -------------------------------------------------------------
     def configure_optimizers(self):
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        total = (
+            self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        )
         return build_optimizer(self.trainer.model.named_parameters(), self.cfg["optim"], int(total))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -172,20 +311,29 @@ class BiDiffuserModule(pl.LightningModule):
         return sd
 
     def export_artifacts(self, out: Path) -> dict:
-        """`bidiffuser/uvit_ema.pth` (UniDiffuser's key format, `load_uvit` reads it) and
-        `bidiffuser/bidiffuser.safetensors` (every part, for `model.bidiffuser.weights`)."""
-        from easygen.bidiffuser import save_uvit
+        """`bidiffuser/uvit_ema.pth` (UniDiffuser's key format, `load_uvit` reads it), `bidiffuser/uvit_config.json`
+        (the fields the weights do not imply, e.g. `num_heads`: pass them to `load_uvit` or as
+        `model.bidiffuser.uvit_config`) and `bidiffuser/bidiffuser.safetensors` (every part, for
+        `model.bidiffuser.weights`)."""
+        import dataclasses
+        import json
+
+        from easygen.bidiffuser import load_uvit, save_uvit
         from easygen.checkpoint import save_state_dict_file
 
         folder = Path(out) / "bidiffuser"
         state = self.ema_pipeline_state()  # collective under FSDP: every rank gathers
         if self.trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
-            uvit = copy.deepcopy(self.ema_uvit) if self.device_mesh is None else None
-            if uvit is None:
-                from easygen.bidiffuser import load_uvit
-
-                uvit = load_uvit({k[5:]: v for k, v in state.items() if k.startswith("uvit.")})
+            config = dataclasses.asdict(self.ema_uvit.config)
+            uvit = load_uvit({k[5:]: v for k, v in state.items() if k.startswith("uvit.")}, **config)
             save_uvit(uvit, folder / "uvit_ema.pth")
-            save_state_dict_file({k: v.contiguous() for k, v in state.items()}, folder / "bidiffuser.safetensors")
-        return {"uvit_ema": str(folder / "uvit_ema.pth"), "bidiffuser_weights": str(folder / "bidiffuser.safetensors")}
+            (folder / "uvit_config.json").write_text(json.dumps(config, indent=2))
+            save_state_dict_file(
+                {k: v.contiguous() for k, v in state.items()}, folder / "bidiffuser.safetensors"
+            )
+        return {
+            "uvit_ema": str(folder / "uvit_ema.pth"),
+            "uvit_config": str(folder / "uvit_config.json"),
+            "bidiffuser_weights": str(folder / "bidiffuser.safetensors"),
+        }

@@ -194,6 +194,28 @@ def test_encoder_outputs(data_dir, tmp_path):
         np.testing.assert_allclose(text[i], pipe.encode_texts([caption])[0].numpy(), atol=2e-3, rtol=2e-3)
 
 
+def test_ranks_split_shards(data_dir, tmp_path, monkeypatch):
+    """RANK 0 then RANK 1 of WORLD_SIZE 2 (the environment a launcher sets, no process group): every
+    second shard each, and the manifest after the second lists both ranks' shards."""
+    from lit_modules.extract import extract_stage
+
+    cfg = make_cfg(data_dir, tmp_path / "run")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    written = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        res = extract_stage(cfg)
+        assert res["is_global_zero"] == (rank == 0)
+        written.append(res["extract"]["written"])
+    assert written == [
+        [f"train/shard-{i:06d}.tar" for i in (0, 2, 4)],
+        [f"train/shard-{i:06d}.tar" for i in (1, 3)],
+    ]
+    manifest = json.loads((Path(str(cfg.stage.out_dir)) / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["shards"] == {f"train/shard-{i:06d}.tar": 4 for i in range(5)}
+
+
+@pytest.mark.slow
 def test_ranks_write_disjoint_shards(data_dir, tmp_path, run_env):
     """Two processes as RANK 0 and 1 of WORLD_SIZE 2, one after the other: each writes its own shards, and
     the manifest after the second lists all of them."""
