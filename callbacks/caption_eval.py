@@ -100,6 +100,7 @@ class CaptionEvalCallback(pl.Callback):
             dist.all_gather_object(gathered, records)
             records = [r for rank_records in gathered for r in rank_records]
         scores: dict[str, float] | None = None
+        error: str | None = None
         if trainer.is_global_zero:
             predictions: dict[str, str] = {}
             references: dict[str, list[str]] = {}
@@ -108,12 +109,21 @@ class CaptionEvalCallback(pl.Callback):
                 if i not in predictions:
                     predictions[i] = pred
                     references[i] = refs
-            scores = self.score(predictions, references) if predictions else {}
             self.last_predictions = predictions
+            try:
+                scores = self.score(predictions, references) if predictions else {}
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                if not _dist_ready():
+                    raise
+                error = f"{type(e).__name__}: {e}"
         if _dist_ready():
-            box = [scores]
+            # The other ranks wait here for exactly the scoring; a failure reaches them too, instead of
+            # leaving them blocked in this broadcast until the collective times out.
+            box = [(scores, error)]
             dist.broadcast_object_list(box, src=0)
-            scores = box[0]
+            scores, error = box[0]
+        if error is not None:
+            raise RuntimeError(f"{type(self).__name__}: scoring on rank 0 failed: {error}")
         self.last_scores = dict(scores)
         for name, value in self.last_scores.items():
             pl_module.log(f"{self.prefix}/{name}", float(value), sync_dist=False, rank_zero_only=False)

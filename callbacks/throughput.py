@@ -28,12 +28,24 @@ class ThroughputCallback(pl.Callback):
         self.peak_flops = peak_flops
         self._steps: deque[tuple[float, int, int]] = deque(maxlen=window)
         self._start: float | None = None
+        self._paused_at: float | None = None
         self.last_metrics: dict[str, float] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._start is None:
             self._sync(pl_module)
             self._start = time.perf_counter()
+
+    # Validation runs between two training steps: its time (generation, scoring) is not training
+    # throughput, so it is taken out of the interval of the step after it.
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._paused_at = time.perf_counter() if self._start is not None else None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._start is not None and self._paused_at is not None:
+            self._sync(pl_module)
+            self._start += time.perf_counter() - self._paused_at
+        self._paused_at = None
 
     @staticmethod
     def _sync(pl_module: pl.LightningModule) -> None:
