@@ -341,7 +341,22 @@ class EasyGenModule(pl.LightningModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             save_state_dict_file(state, path)
             self.tokenizer.save_pretrained(str(path.parent / "tokenizer"))
-        return {"weights": str(path)}
+        artifacts = {"weights": str(path)}
+        if self.lora_cfg.get("enabled") and self.stage_cfg.get("export_merged") and not self.is_t5:
+            artifacts["merged_llm"] = str(self.export_merged(Path(out) / "easygen" / "merged"))
+        return artifacts
+
+    def export_merged(self, folder: Path) -> Path:
+        """The LoRA adapters folded into the LLM's weights: a standalone transformers folder (safetensors,
+        config, tokenizer) that `AutoModelForCausalLM.from_pretrained` loads without peft; the projector
+        stays in `trained.safetensors`."""
+        from easygen.lora import save_merged
+
+        if self.device_mesh is not None:
+            raise ConfigError("stage.export_merged needs an unsharded model: merge from a single-process run")
+        if self._trainer is None or self.trainer.is_global_zero:
+            save_merged(self.model.llm, self.tokenizer, folder)
+        return folder
 
 
 def derangement(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -26,6 +26,15 @@ SMALL = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the tiny models gain nothing from more, and a shared CPU makes two spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("llm-data")
@@ -162,6 +171,23 @@ def test_instruct_lora_trains_adapters_and_projector_small_checkpoint(data_dir, 
     from easygen.checkpoint import load_state_dict_file
 
     assert set(load_state_dict_file(art["weights"])) == names
+    # stage.export_merged: the merged folder loads with plain transformers and gives the adapted logits
+    from transformers import AutoModelForCausalLM
+
+    module.stage_cfg["export_merged"] = True
+    art = module.export_artifacts(tmp_path / "export")
+    merged = AutoModelForCausalLM.from_pretrained(art["merged_llm"], local_files_only=True).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ids = torch.randint(3, len(module.tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    module.model.llm.eval()
+    with torch.no_grad():
+        adapted = module.model.llm(input_ids=ids).logits
+        base = module.model.llm.get_base_model()
+        with module.model.llm.disable_adapter():
+            plain = base(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert not torch.allclose(adapted, plain, atol=1e-6)  # the adapters learned something
+    torch.testing.assert_close(got, adapted, rtol=1e-5, atol=1e-5)
 
 
 def test_instruct_full_llm_and_projector_own_lr(data_dir, tmp_path):
