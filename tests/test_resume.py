@@ -44,6 +44,7 @@ def _saved_step(last):
         return -1
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_step_and_schedule(tmp_path, run_env):
     from lit_modules.optim import cosine_with_warmup
 
