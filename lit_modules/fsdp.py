@@ -60,8 +60,16 @@ def shard_blocks(
 def shard_easygen(module, device_mesh, strategy_cfg: dict) -> None:
     if getattr(module, "is_t5", False):
         t5 = module.model.t5
-        blocks = nn.ModuleList([*t5.encoder.block, *t5.decoder.block])  # a view: the blocks stay where they are
-        shard_blocks(blocks, module.model, device_mesh, strategy_cfg, extra_units=(t5.shared, module.model.projector, t5))
+        blocks = nn.ModuleList(
+            [*t5.encoder.block, *t5.decoder.block]
+        )  # a view: the blocks stay where they are
+        shard_blocks(
+            blocks,
+            module.model,
+            device_mesh,
+            strategy_cfg,
+            extra_units=(t5.shared, module.model.projector, t5),
+        )
         return
     llm = module.model.llm
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
