@@ -150,3 +150,15 @@ def load_export(
     projector.load_state_dict(load_state_dict_file(folder / "projector.safetensors"))
     model = EasyGen(llm, projector.to(llm.dtype), tokenizer=tokenizer)
     return model.to(device).eval(), tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m easygen.export CKPT OUT`: the command-line front end, which rebuilds the models from the
+    checkpoint's config (the config glue lives beside the LightningModules, so it is imported by name)."""
+    import importlib
+
+    return importlib.import_module("lit_modules.export").main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
