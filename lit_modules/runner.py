@@ -48,7 +48,9 @@ def hydra_overrides() -> list[str]:
 def stage_needs(cfg) -> list[str]:
     """Config subtrees whose required (???) keys this stage reads."""
     kind = cfg.stage.kind
-    if kind in ("all", "chat"):
+    if kind == "chat":
+        return ["model"]  # chat reads no dataset
+    if kind == "all":
         return ["model", "data"]
     if kind == "extract":
         return ["model.bidiffuser", "data"]
