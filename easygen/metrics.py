@@ -167,6 +167,8 @@ def _meteor_parallel_classes() -> Path | None:
 
     source = Path(__file__).with_name("MeteorParallel.java")
     jar = _coco_dir() / "meteor" / "meteor-1.5.jar"
+    if not source.is_file():  # an installation without the package's .java file
+        return None
     key = hashlib.sha1(source.read_bytes() + str(jar.stat().st_size).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "easygen"
     target = cache / f"meteor-parallel-{key}"
