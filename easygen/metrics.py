@@ -139,7 +139,11 @@ def ptb_tokenize(
 
 
 def _meteor_threads() -> int:
-    """Worker threads for METEOR scoring: ``EASYGEN_METEOR_THREADS``, else the usable CPUs (at most 4)."""
+    """Worker threads for METEOR scoring: ``EASYGEN_METEOR_THREADS``, else the usable CPUs but one (at most 4).
+
+    One CPU is left to the Python scorers (BLEU, ROUGE-L, CIDEr) that run beside METEOR: on a 2-CPU
+    machine a second METEOR thread made scoring slower, cold and warm (experiments/RESULTS.md).
+    """
     env = os.environ.get("EASYGEN_METEOR_THREADS")
     if env is not None:
         try:
@@ -153,7 +157,7 @@ def _meteor_threads() -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus))
+    return max(1, min(4, cpus - 1))
 
 
 def _meteor_parallel_classes() -> Path | None:

@@ -90,7 +90,10 @@ def main() -> None:
     parser.add_argument("--refs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--meteor-threads", type=int, default=None, help="default: EASYGEN_METEOR_THREADS or CPUs"
+        "--meteor-threads",
+        type=int,
+        default=None,
+        help="threads of the multi-threaded cold run (default: the library default, at least 2)",
     )
     args = parser.parse_args()
 
@@ -112,7 +115,7 @@ def main() -> None:
         finally:
             del os.environ["EASYGEN_METEOR_THREADS"]
 
-    threads = args.meteor_threads or metrics._meteor_threads()
+    threads = args.meteor_threads or max(2, metrics._meteor_threads())
     single, t_single = cold(1)
     ours, t_ours = cold(threads)
     # A second call finds METEOR's JVM loaded, as CaptionEvalCallback arranges by starting it when
