@@ -289,7 +289,9 @@ class BiDiffuserModule(pl.LightningModule):
         return self.bidiffuser.generate(prompts)
 
     def flops_per_sample(self) -> float:
-        return float(self.bidiffuser.uvit.flops_per_sample(train=True))
+        # the paper's objective runs every sample through the U-ViT twice (t2i and i2t halves)
+        passes = 2 if self.stage_cfg.get("objective", "bidiffuser") == "bidiffuser" else 1
+        return passes * float(self.bidiffuser.uvit.flops_per_sample(train=True))
 
     # -- optimisation and checkpoints -------------------------------------------------------------
     def configure_optimizers(self):
