@@ -54,3 +54,19 @@ def test_multirun_two_jobs(tmp_path, run_env):
     assert all(len(r) == 1 for r in runs) and runs[0][0].name != runs[1][0].name
     overrides = [(sweep / str(i) / ".hydra" / "overrides.yaml").read_text() for i in (0, 1)]
     assert "optim.lr=0.001" in overrides[0] and "optim.lr=0.0001" in overrides[1]
+
+
+def test_optuna_search_maximises_cider(tmp_path, run_env):
+    import yaml
+
+    sweep = tmp_path / "opt"
+    _run(["-m", "hparams_search=caption_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1",
+          "trainer.max_steps=4", "data.synthetic.n=80", "data.batch_size=4", "data.eval_batch_size=8",
+          "model.bidiffuser.sampler.steps=4", "logger=none", f"paths.data_dir={tmp_path}/data",
+          f"paths.log_dir={tmp_path}/logs", f"hydra.sweep.dir={sweep}"], run_env)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"optim.lr", "lora.r"}
+    trials = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
+    assert all(t["choices"]["lora"] == "on" and t["stage"] == "instruct" for t in trials)
+    # the value Optuna maximised is the trials' best val/CIDEr
+    assert best["best_value"] == max(t["best"]["val/CIDEr"] for t in trials)
