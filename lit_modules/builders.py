@@ -129,8 +129,15 @@ def build_llm(cfg: dict, tokenizer, device: str | torch.device | None = None):
 
         config = llama_7b_config(vocab_size=int(m.get("vocab_size", 32000)))
         config._attn_implementation = "sdpa"
-        with torch.device(device or "cpu"):
-            return LlamaForCausalLM(config).to(DTYPES.get(str(m.get("dtype")), torch.float32))
+        # built directly on the GPU in its dtype: 6.7B fp32 parameters on the host first would cost 27 GB
+        dtype = DTYPES.get(str(m.get("dtype")), torch.float32)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")):
+                return LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
     if preset == "pretrained":
         from easygen.llm import load_llm
 
