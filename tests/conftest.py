@@ -39,6 +39,22 @@ def compose_resolved(overrides=()):
     return cfg
 
 
+def compose_at(data_dir, out, overrides=()):
+    """Compose with every path under `data_dir` and the run's output in `out`, resolved."""
+    cfg = compose(
+        [
+            f"paths.data_dir={data_dir}",
+            f"paths.root_dir={data_dir}",
+            f"paths.output_dir={out}",
+            f"paths.work_dir={data_dir}",
+            f"paths.log_dir={data_dir}/logs",
+            *overrides,
+        ]
+    )
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
 @pytest.fixture
 def run_env(tmp_path):
     """Environment for subprocess runs of run.py: offline W&B, no hub, data and logs under tmp_path."""

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, compose
+from tests.conftest import ROOT, compose_at
 
 N = 24  # synthetic split: 20 train (5 shards of 4), 2 val, 2 test
 SHARD_SIZE = 4
@@ -44,19 +43,7 @@ def data_dir(tmp_path_factory):
 
 
 def make_cfg(data_dir: Path, out: Path, overrides=()):
-    cfg = compose(
-        [
-            *SMALL,
-            f"paths.data_dir={data_dir}",
-            f"paths.root_dir={data_dir}",
-            f"paths.output_dir={out}",
-            f"paths.work_dir={data_dir}",
-            f"paths.log_dir={data_dir}/logs",
-            *overrides,
-        ]
-    )
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose_at(data_dir, out, [*SMALL, *overrides])
 
 
 def members(path: Path) -> dict[str, dict[str, bytes]]:

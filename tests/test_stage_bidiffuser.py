@@ -15,9 +15,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, compose
+from tests.conftest import ROOT, compose_at
 
 BASE = [
     "data.synthetic.n=40",
@@ -32,19 +31,7 @@ SMALL = [*BASE, "stage=bidiffuser", "stage.monitor=null"]
 
 
 def make_cfg(data_dir: Path, out: Path, overrides=(), base=SMALL):
-    cfg = compose(
-        [
-            *base,
-            f"paths.data_dir={data_dir}",
-            f"paths.root_dir={data_dir}",
-            f"paths.output_dir={out}",
-            f"paths.work_dir={data_dir}",
-            f"paths.log_dir={data_dir}/logs",
-            *overrides,
-        ]
-    )
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose_at(data_dir, out, [*base, *overrides])
 
 
 @pytest.fixture(scope="module")

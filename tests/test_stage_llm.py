@@ -11,9 +11,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from tests.conftest import compose
+from tests.conftest import compose_at
 
 SMALL = [
     "data.synthetic.n=40",
@@ -41,19 +40,7 @@ def data_dir(tmp_path_factory):
 
 
 def make_cfg(data_dir: Path, out: Path, overrides=()):
-    cfg = compose(
-        [
-            *SMALL,
-            f"paths.data_dir={data_dir}",
-            f"paths.root_dir={data_dir}",
-            f"paths.output_dir={out}",
-            f"paths.work_dir={data_dir}",
-            f"paths.log_dir={data_dir}/logs",
-            *overrides,
-        ]
-    )
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose_at(data_dir, out, [*SMALL, *overrides])
 
 
 def fit(cfg, steps: int = 2, ckpt_dir: Path | None = None):
