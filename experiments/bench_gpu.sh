@@ -33,12 +33,12 @@ python3 experiments/bench_llm.py $flag | tee "$OUT/llm.txt"
 echo "== the recipe's stages through run.py at the paper's shapes (model=random), a few steps each"
 if [ "$TINY" = 1 ]; then model=(model=tiny); else model=(model=random trainer=gpu "data.synthetic.image_size=512"); fi
 common=("${model[@]}" logger=csv "paths.data_dir=$OUT/data" "paths.log_dir=$OUT/logs" data.synthetic.n=160
-        data.batch_size=8 data.eval_batch_size=8 callbacks.caption_eval=null stage.monitor=train/loss
-        stage.monitor_mode=min)
+        data.batch_size=8 data.eval_batch_size=8)
+train=(callbacks.caption_eval=null stage.monitor=train/loss stage.monitor_mode=min trainer.max_steps=10)
 for stage in bidiffuser pretrain; do
-  python3 run.py "stage=$stage" "${common[@]}" trainer.max_steps=10 "hydra.run.dir=$OUT/$stage" \
-    | grep -E "perf/|train/loss|finished" || true
+  python3 run.py "stage=$stage" "${common[@]}" "${train[@]}" "hydra.run.dir=$OUT/$stage" 2>&1 \
+    | grep -E "perf/|train/loss|finished|error" || true
 done
-python3 run.py stage=extract "${common[@]}" "stage.splits=[val]" "hydra.run.dir=$OUT/extract" \
-  | grep -E "extract/|finished" || true
+python3 run.py stage=extract "${common[@]}" "stage.splits=[val]" "hydra.run.dir=$OUT/extract" 2>&1 \
+  | grep -E "extract/|finished|error" || true
 echo "outputs in $OUT"
