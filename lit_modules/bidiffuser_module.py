@@ -86,6 +86,9 @@ class BiDiffuserModule(pl.LightningModule):
         self.last_batch_size = 0
         self.last_num_tokens = 0
         self._ema_step = -1
+        # frozen encoders' outputs per sample id / caption (model.encoder_cache_size; 0 = off)
+        self._image_cache: dict = {}
+        self._text_cache: dict = {}
 
     # -- data -----------------------------------------------------------------------------------
     def collate(self, samples: list[dict]) -> dict:
@@ -200,16 +203,51 @@ class BiDiffuserModule(pl.LightningModule):
         out = {}
         with torch.no_grad():
             if self.stage_cfg.get("train_caption_decoder"):
-                out["clip_text"] = pipe.clip_text(batch["captions"])
+                out["clip_text"] = self.cached_clip_text(batch["captions"])
             if "moments" in batch:
                 out["z0"] = sample_latent(batch["moments"].to(self.device))
                 out["clip0"] = batch["clip_img"].to(self.device)
                 out["y0"] = batch["text_latents"].to(self.device)
                 return out
-            enc = pipe.encode_images(batch["images"], generator=self._generator())
-            clip_text = out["clip_text"] if "clip_text" in out else pipe.clip_text(batch["captions"])
-            out.update(z0=enc["z"], clip0=enc["clip_img"], y0=pipe.caption_decoder.encode_prefix(clip_text))
+            moments, clip_img = self.cached_image_encodings(batch)
+            clip_text = out["clip_text"] if "clip_text" in out else self.cached_clip_text(batch["captions"])
+            out.update(
+                z0=sample_latent(moments, self._generator()),
+                clip0=clip_img,
+                y0=pipe.caption_decoder.encode_prefix(clip_text),
+            )
         return out
+
+    def _cache_limit(self) -> int:
+        return int(self.cfg["model"].get("encoder_cache_size") or 0)
+
+    def cached_image_encodings(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen VAE's moments and the CLIP image embedding of each picture, kept per sample id (up to
+        `model.encoder_cache_size`) so that later epochs skip the encoders (stage=extract's idea, in memory);
+        the latent is still drawn afresh from the moments at every step."""
+        pipe, ids, limit = self.bidiffuser, list(batch["ids"]), self._cache_limit()
+        todo = [k for k, i in enumerate(ids) if i not in self._image_cache]
+        fresh = {}
+        if todo:
+            enc = pipe.encode_images(batch["images"][todo])
+            fresh = {ids[k]: (m, c) for k, m, c in zip(todo, enc["moments"], enc["clip_img"])}
+            for i, value in fresh.items():
+                if len(self._image_cache) < limit:
+                    self._image_cache[i] = value
+        pairs = [fresh[i] if i in fresh else self._image_cache[i] for i in ids]
+        return torch.stack([m for m, _ in pairs]), torch.stack([c for _, c in pairs])
+
+    def cached_clip_text(self, captions: list[str]) -> torch.Tensor:
+        """CLIP text states of each caption, kept per caption (up to `model.encoder_cache_size` x 8)."""
+        pipe, limit = self.bidiffuser, 8 * self._cache_limit()
+        todo = sorted({c for c in captions if c not in self._text_cache})
+        fresh = {}
+        if todo:
+            fresh = dict(zip(todo, pipe.clip_text(todo)))
+            for c, value in fresh.items():
+                if len(self._text_cache) < limit:
+                    self._text_cache[c] = value
+        return torch.stack([fresh[c] if c in fresh else self._text_cache[c] for c in captions])
 
     def _generator(self) -> torch.Generator:
         # a fresh latent draw per step (the pipeline's own default is its fixed sampler seed)

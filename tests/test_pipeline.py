@@ -145,3 +145,39 @@ def test_from_paths_rebuilds_the_same_model(model, images, features, tmp_path):
     torch.testing.assert_close(rebuilt.i2t_features(images), features)
     with pytest.raises(FileNotFoundError, match="clip_text not found"):
         BiDiffuser.from_paths(**dict(paths, clip_text=tmp_path / "nope"))
+
+
+def test_shared_noise_makes_features_independent_of_the_batch(images):
+    """With shared_noise a picture's features are the same whatever batch it is in and wherever in it;
+    with a fresh draw per sample they change with the position."""
+    third = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    shared = BiDiffuser.tiny(CORPUS, seed=0, image_size=64, shared_noise=True, **SAMPLER)
+    a = shared.i2t_features(images)  # [img0, img1]
+    b = shared.i2t_features(torch.cat([third, images[1:], images[:1]]))  # [third, img1, img0]
+    torch.testing.assert_close(a[0], b[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[0], a[1])  # still a function of the picture
+    alone = shared.i2t_features(images[1:])
+    torch.testing.assert_close(alone[0], a[1], rtol=1e-5, atol=1e-5)
+    fresh = BiDiffuser.tiny(CORPUS, seed=0, image_size=64, shared_noise=False, **SAMPLER)
+    c = fresh.i2t_features(images)
+    d = fresh.i2t_features(torch.cat([images[1:], images[:1]]))
+    assert not torch.allclose(c[0], d[1], atol=1e-3)
+
+
+def test_tiny_autoencoder_has_a_sharp_posterior_and_unit_scale_latents():
+    """The tiny VAE behaves like a trained KL-f8 one: two posterior draws of a picture agree closely (the
+    picture, not the draw, decides the latent) and the scaled latents of different pictures spread
+    about as widely as unit-variance latents."""
+    model = BiDiffuser.tiny(CORPUS, seed=0, image_size=64, **SAMPLER)
+    gen = torch.Generator().manual_seed(3)
+    pics = torch.zeros(8, 3, 64, 64)
+    for i in range(8):  # plain backgrounds with one coloured square each, like the synthetic set
+        pics[i] += torch.rand(3, 1, 1, generator=gen)
+        x, y = (int(v) for v in torch.randint(0, 40, (2,), generator=gen))
+        pics[i, :, y:y + 20, x:x + 20] = torch.rand(3, 1, 1, generator=gen)
+    z1 = model.encode_images(pics, generator=torch.Generator().manual_seed(0))["z"]
+    z2 = model.encode_images(pics, generator=torch.Generator().manual_seed(1))["z"]
+    spread = float(z1.std(0).mean())
+    assert float((z1 - z2).abs().max()) < 0.01 * spread
+    assert 0.2 < spread < 5.0

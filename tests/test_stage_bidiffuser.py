@@ -337,3 +337,41 @@ def test_ema_warmup_and_module_copy():
     for k, v in other.module.named_parameters():
         assert torch.equal(v, expected[k])
     assert EMA(model, decay=0.9).decay_at(0) == 0.9  # no warmup: the reference's constant rate
+
+
+def test_online_encoder_outputs_are_cached_per_picture(data, tmp_path):
+    """model.encoder_cache_size: the frozen encoders run once per picture and caption; later batches read
+    the same moments, CLIP embeddings and CLIP text states back (the latent is still drawn per step)."""
+    from lit_modules.runner import build_module
+
+    data_dir, _ = data
+    cfg = make_cfg(data_dir, tmp_path / "run", ["stage.encoder_source=online", "model.encoder_cache_size=64",
+                                                "model.bidiffuser.train_caption_decoder=true"])
+    module = build_module(cfg)
+    module.configure_model()
+    pipe = module.bidiffuser
+    batch = module.collate(samples(f"{data_dir}/synthetic-64px-n40-seed0/train/*.tar")[:6])
+    first = module.encoder_targets(batch)
+    assert len(module._image_cache) == 6 and len(module._text_cache) == len(set(batch["captions"]))
+    calls = []
+    handle = pipe.vae.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        # the VAE's encoder is a submodule: hook it to see whether the pictures are encoded again
+        hook = pipe.vae.encoder.register_forward_pre_hook(lambda *a: calls.append(1))
+        second = module.encoder_targets(batch)
+        hook.remove()
+    finally:
+        handle.remove()
+    assert calls == []
+    enc = pipe.encode_images(batch["images"])
+    torch.testing.assert_close(torch.stack([module._image_cache[i][0] for i in batch["ids"]]), enc["moments"])
+    torch.testing.assert_close(second["clip0"], enc["clip_img"])
+    torch.testing.assert_close(second["y0"], first["y0"])
+    torch.testing.assert_close(second["clip_text"], pipe.clip_text(batch["captions"]))
+    assert not torch.equal(first["z0"], second["z0"])  # a fresh posterior draw each step
+    # off: nothing kept
+    cfg0 = make_cfg(data_dir, tmp_path / "run0", ["stage.encoder_source=online", "model.encoder_cache_size=0"])
+    m0 = build_module(cfg0)
+    m0.configure_model()
+    m0.encoder_targets(m0.collate(samples(f"{data_dir}/synthetic-64px-n40-seed0/train/*.tar")[:4]))
+    assert m0._image_cache == {} and m0._text_cache == {}

@@ -193,7 +193,30 @@ def tiny_autoencoder(seed: int = 0) -> AutoencoderKL:
             sample_size=64,
             scaling_factor=SCALE_FACTOR,
         )
+        sharpen_posterior(vae)
     return vae
+
+
+# A trained KL-f8 VAE encodes almost deterministically (posterior std far below the spread of the means)
+# and its latents times 0.18215 have about unit variance. A random encoder has neither: its log-variance
+# is about 0, so a sampled latent is noise with the picture buried under it, and its means are small.
+# The tiny preset takes the trained VAE's character: log-variance fixed at TINY_LOGVAR, means scaled by
+# TINY_MEAN_GAIN (latents of the synthetic pictures then have a spread of about 1 after the 0.18215).
+TINY_LOGVAR = -12.0
+TINY_MEAN_GAIN = 25.0
+
+
+def sharpen_posterior(vae: AutoencoderKL, logvar: float = TINY_LOGVAR, gain: float = TINY_MEAN_GAIN) -> None:
+    """Set ``quant_conv`` so that the posterior is sharp (fixed ``logvar``) and the means scaled by ``gain``."""
+    conv = vae.quant_conv
+    if conv is None:
+        raise ValueError("sharpen_posterior needs an autoencoder with quant_conv")
+    half = conv.out_channels // 2
+    with torch.no_grad():
+        conv.weight[:half] *= gain
+        conv.bias[:half] *= gain
+        conv.weight[half:] = 0.0
+        conv.bias[half:] = logvar
 
 
 def load_ldm_autoencoder(path: str | Path, norm_num_groups: int | None = None) -> AutoencoderKL:
@@ -258,11 +281,15 @@ def encode_moments(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     return vae.quant_conv(moments) if vae.quant_conv is not None else moments
 
 
-def sample_latent(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw ``z ~ N(mean, exp(logvar))`` and scale it by 0.18215 (UniDiffuser's ``sample``)."""
+def sample_latent(
+    moments: torch.Tensor, generator: torch.Generator | None = None, shared: bool = False
+) -> torch.Tensor:
+    """Draw ``z ~ N(mean, exp(logvar))`` and scale it by 0.18215 (UniDiffuser's ``sample``); ``shared``: one
+    noise draw for the whole batch (each sample's latent then depends on its own moments only)."""
     mean, logvar = moments.chunk(2, dim=1)
     logvar = logvar.clamp(-30.0, 20.0)
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    shape = (1, *mean.shape[1:]) if shared else mean.shape
+    eps = torch.randn(shape, generator=generator, device=mean.device, dtype=mean.dtype).expand_as(mean)
     return (mean + torch.exp(0.5 * logvar) * eps) * SCALE_FACTOR
 
 

@@ -55,6 +55,7 @@ class BiDiffuser(nn.Module):
         order: int = 3,
         method: str = "fast",
         cfg_scale: float = 7.0,
+        shared_noise: bool = False,
         seed: int = 1234,
         beam_size: int = 5,
         max_caption_length: int = 67,
@@ -69,6 +70,8 @@ class BiDiffuser(nn.Module):
         cfg = uvit.config
         self.image_size = int(image_size if image_size is not None else cfg.img_size * VAE_FACTOR)
         self.steps, self.order, self.method, self.cfg_scale = steps, order, method, cfg_scale
+        # every sample of a batch starts from the same noise: outputs depend on the condition only
+        self.shared_noise = bool(shared_noise)
         self.seed, self.beam_size, self.max_caption_length = seed, beam_size, max_caption_length
         self._check_shapes()
 
@@ -271,17 +274,26 @@ class BiDiffuser(nn.Module):
         return list(texts)
 
     def _sampler_kwargs(self) -> dict:
-        return dict(steps=self.steps, order=self.order, method=self.method, cfg_scale=self.cfg_scale)
+        return dict(
+            steps=self.steps,
+            order=self.order,
+            method=self.method,
+            cfg_scale=self.cfg_scale,
+            shared_noise=self.shared_noise,
+        )
 
     # ------------------------------------------------------------------ encoders
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """``[B, 3, H, W]`` in [0, 1] -> ``moments`` ``[B, 8, h, w]``, ``z`` (x0.18215) and ``clip_img`` ``[B, 1, D]``."""
+    def encode_images(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, shared_noise: bool = False
+    ) -> dict:
+        """``[B, 3, H, W]`` in [0, 1] -> ``moments`` ``[B, 8, h, w]``, ``z`` (x0.18215) and ``clip_img`` ``[B, 1, D]``;
+        ``shared_noise``: one posterior draw for the whole batch."""
         images = self._check_images(images)
         generator = generator if generator is not None else self._generator()
         moments = encode_moments(self.vae, images * 2.0 - 1.0)
-        z = sample_latent(moments, generator)
+        z = sample_latent(moments, generator, shared=shared_noise)
         clip_img = self.clip_image(images)
         return {"moments": moments, "z": z, "clip_img": clip_img}
 
@@ -301,7 +313,7 @@ class BiDiffuser(nn.Module):
     def i2t_latents(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """Images -> text latents ``y`` ``[B, L, text_dim]`` sampled with the image clean."""
         generator = self._generator(seed)
-        enc = self.encode_images(images, generator=generator)
+        enc = self.encode_images(images, generator=generator, shared_noise=self.shared_noise)
         return sample_i2t(
             self.uvit, self.schedule, enc["z"], enc["clip_img"], generator=generator, **self._sampler_kwargs()
         )

@@ -6,6 +6,12 @@ conditioning modality replaced by fresh Gaussian noise at t = N (fully noised), 
 ``guided = cond + s * (cond - uncond)`` (s = 7 in EasyGen). The conditional and unconditional forwards run as
 one batch. All noise comes from ``generator`` (on the model's device), so a fixed seed gives a fixed output.
 v1 always uses data_type 1.
+
+``shared_noise=True`` starts every sample of the batch from the same noise (and guides it with the same
+unconditional noise): the DPM-Solver++ path is deterministic given its start, so a sample's output then
+depends on its condition only, not on the batch it is in, its position there or the process that ran it.
+Feature extraction wants exactly that: the features of two pictures differ because the pictures differ,
+not because their noise did, and re-batching or sharding the extraction gives the same features.
 """
 
 from __future__ import annotations
@@ -19,7 +25,11 @@ from .uvit import UViT
 DATA_TYPE = 1
 
 
-def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _randn(shape, like: torch.Tensor, generator: torch.Generator | None, shared: bool = False) -> torch.Tensor:
+    """Gaussian noise of ``shape``; ``shared``: one draw for the leading (batch) dimension, repeated."""
+    if shared:
+        one = torch.randn((1, *shape[1:]), generator=generator, device=like.device, dtype=like.dtype)
+        return one.expand(*shape).contiguous()
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
@@ -39,19 +49,21 @@ def sample_i2t(
     method: str = "fast",
     cfg_scale: float = 7.0,
     generator: torch.Generator | None = None,
+    shared_noise: bool = False,
     **solver_kwargs,
 ) -> torch.Tensor:
     """Text latent y [B, L, text_dim] for clean image latents z [B,4,h,w] and CLIP image embeds [B,1,D]."""
     B, N = z.shape[0], schedule.num_steps
     cfg = uvit.config
-    y = _randn((B, cfg.num_text_tokens, cfg.text_dim), z, generator)
+    y = _randn((B, cfg.num_text_tokens, cfg.text_dim), z, generator, shared_noise)
     zeros = torch.zeros(B, device=z.device)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t_text = t * N
         if cfg_scale == 0:
             return uvit(z, clip_img, x, zeros, t_text, DATA_TYPE)[2]
-        z_noise, clip_noise = _randn(z.shape, z, generator), _randn(clip_img.shape, clip_img, generator)
+        z_noise = _randn(z.shape, z, generator, shared_noise)
+        clip_noise = _randn(clip_img.shape, clip_img, generator, shared_noise)
         _, _, out = uvit(
             torch.cat([z, z_noise]),
             torch.cat([clip_img, clip_noise]),
@@ -87,11 +99,14 @@ def sample_t2i(
     method: str = "fast",
     cfg_scale: float = 7.0,
     generator: torch.Generator | None = None,
+    shared_noise: bool = False,
     **solver_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Image latents z [B, *img_shape] and CLIP image embeds [B,1,D] for clean text latents [B, L, text_dim]."""
     B, N, D = text.shape[0], schedule.num_steps, uvit.config.clip_img_dim
-    x0 = _pack(_randn((B, *img_shape), text, generator), _randn((B, 1, D), text, generator))
+    x0 = _pack(
+        _randn((B, *img_shape), text, generator, shared_noise), _randn((B, 1, D), text, generator, shared_noise)
+    )
     zeros = torch.zeros(B, device=text.device)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -103,7 +118,7 @@ def sample_t2i(
         z_out, c_out, _ = uvit(
             torch.cat([z, z]),
             torch.cat([c, c]),
-            torch.cat([text, _randn(text.shape, text, generator)]),
+            torch.cat([text, _randn(text.shape, text, generator, shared_noise)]),
             torch.cat([t_img, t_img]),
             torch.cat([zeros, torch.full_like(zeros, N)]),
             DATA_TYPE,
