@@ -106,6 +106,7 @@ def export_model(
             "in_dim": linears[0].in_features,
             "hidden_dim": linears[0].out_features,
             "out_dim": linears[-1].out_features,
+            "standardize_tokens": int(getattr(projector, "standardize_tokens", 0)),
         },
         # `easygen.bidiffuser.load_uvit("bidiffuser/uvit.pth", **uvit_config)` rebuilds the network
         "uvit_config": dataclasses.asdict(written_uvit.config) if written_uvit is not None else None,
@@ -146,7 +147,9 @@ def load_export(
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "llm"), local_files_only=True)
     llm = AutoModelForCausalLM.from_pretrained(str(folder / "llm"), local_files_only=True, dtype=dtype)
     p = meta["projector"]
-    projector = Projector(int(p["in_dim"]), int(p["hidden_dim"]), int(p["out_dim"]))
+    projector = Projector(
+        int(p["in_dim"]), int(p["hidden_dim"]), int(p["out_dim"]), int(p.get("standardize_tokens", 0))
+    )
     projector.load_state_dict(load_state_dict_file(folder / "projector.safetensors"))
     model = EasyGen(llm, projector.to(llm.dtype), tokenizer=tokenizer)
     return model.to(device).eval(), tokenizer

@@ -3,6 +3,12 @@
 ``Linear(768, 3072) -> GELU -> Linear(3072, H)`` applied per position: each of the 77 rows of the
 i2t feature (``decode_prefix`` of the sampled text latent, 77x768) becomes one soft token of the
 LLM's width H (4096 for Vicuna-7B).
+
+Optionally (``standardize_tokens=L``) the features are first standardised per (position, channel) with
+the mean and standard deviation of the training features (``fit_standardizer``), kept as buffers so that
+checkpoints and exports carry them. Features of a BiDiffuser trained only briefly (the tiny preset) vary
+from picture to picture by a tenth of their common component; standardised, the variation that carries
+the picture is what the projector sees.
 """
 
 from __future__ import annotations
@@ -12,14 +18,47 @@ from torch import nn
 
 
 class Projector(nn.Module):
-    def __init__(self, in_dim: int = 768, hidden_dim: int = 3072, out_dim: int = 4096):
+    def __init__(
+        self, in_dim: int = 768, hidden_dim: int = 3072, out_dim: int = 4096, standardize_tokens: int = 0
+    ):
         super().__init__()
         self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
+        self.standardize_tokens = int(standardize_tokens)
+        if self.standardize_tokens:
+            self.register_buffer("feature_mean", torch.zeros(self.standardize_tokens, in_dim))
+            self.register_buffer("feature_std", torch.ones(self.standardize_tokens, in_dim))
+            # 1 once fit_standardizer ran (or a checkpoint with fitted statistics was loaded)
+            self.register_buffer("feature_fitted", torch.zeros(()))
         self.fc1 = nn.Linear(in_dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, out_dim)
 
+    @property
+    def needs_fit(self) -> bool:
+        return bool(self.standardize_tokens) and float(self.feature_fitted) == 0.0
+
+    @torch.no_grad()
+    def fit_standardizer(self, features: torch.Tensor, eps: float = 1e-3) -> None:
+        """Set the statistics from training features ``[N, L, in_dim]``; a channel's std is floored at
+        ``eps`` times the mean std, so that constant channels are not blown up."""
+        if not self.standardize_tokens:
+            raise ValueError("this projector was built without standardize_tokens")
+        expected = (self.standardize_tokens, self.in_dim)
+        if features.ndim != 3 or tuple(features.shape[1:]) != expected or features.shape[0] < 2:
+            raise ValueError(f"fit_standardizer expects features [N >= 2, {expected[0]}, {expected[1]}], "
+                             f"got {tuple(features.shape)}")
+        f = features.double()
+        std = f.std(0)
+        self.feature_mean.copy_(f.mean(0))
+        self.feature_std.copy_(std.clamp_min(eps * float(std.mean())))
+        self.feature_fitted.fill_(1.0)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.shape[-1] != self.in_dim:
             raise ValueError(f"projector expects features [..., {self.in_dim}], got {tuple(features.shape)}")
+        if self.standardize_tokens:
+            if features.shape[-2] != self.standardize_tokens:
+                raise ValueError(f"projector standardises {self.standardize_tokens} feature positions, got "
+                                 f"features {tuple(features.shape)}")
+            features = (features - self.feature_mean.to(features.dtype)) / self.feature_std.to(features.dtype)
         return self.fc2(self.act(self.fc1(features)))

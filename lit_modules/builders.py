@@ -154,7 +154,8 @@ def build_projector(cfg: dict):
     from easygen.projector import Projector
 
     p = cfg["model"]["projector"]
-    return Projector(int(p["in_dim"]), int(p["hidden_dim"]), int(p["out_dim"]))
+    tokens = int(cfg["model"]["num_image_tokens"]) if p.get("standardize") else 0
+    return Projector(int(p["in_dim"]), int(p["hidden_dim"]), int(p["out_dim"]), standardize_tokens=tokens)
 
 
 def build_bidiffuser(cfg: dict, device: str | torch.device | None = None):

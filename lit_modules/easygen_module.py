@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from lit_modules.builders import build_bidiffuser, build_llm, build_llm_tokenizer, build_projector, is_t5
@@ -96,6 +97,8 @@ class EasyGenModule(pl.LightningModule):
         self._set_trainable()
         if self.cfg.get("init_from"):
             self.load_weights(self.cfg["init_from"])
+        if getattr(self.model.projector, "needs_fit", False):
+            self.fit_feature_standardizer()
         if self.device_mesh is not None:
             from lit_modules.fsdp import shard_easygen
 
@@ -169,6 +172,51 @@ class EasyGenModule(pl.LightningModule):
             raise ConfigError(f"init_from={path}: shapes differ for {bad[:5]}")
         self.load_state_dict(picked, strict=False)
         log.info("loaded %d tensors from %s", len(picked), path)
+
+    def fit_feature_standardizer(self) -> None:
+        """`model.projector.standardize`: the projector's per-(position, channel) statistics from the first
+        `model.projector.standardize_samples` training samples (their extracted features, else the features
+        this stage would compute for them). Runs once: checkpoints and `init_from` carry the statistics."""
+        from data_modules.shards import ShardIndexDataset
+
+        limit = int(self.cfg["model"]["projector"].get("standardize_samples") or 1024)
+        size = int(self.cfg["model"]["image_size"])
+        urls = [src["urls"] for src in self.cfg["data"]["train"]]
+        feats, pending = [], []
+
+        def flush():
+            if pending:
+                batch = {"ids": [s.get("id", "?") for s in pending], "has_image": torch.ones(len(pending), dtype=torch.bool)}
+                if self.feature_source == "captions":
+                    batch["feature_texts"] = [s["captions"][0] for s in pending]
+                else:
+                    batch["images"] = torch.stack([torch.as_tensor(s["image"]) for s in pending])
+                feats.append(self.image_features(batch).float().cpu())
+                pending.clear()
+
+        for spec in urls:
+            ds = ShardIndexDataset(spec, size, load_images=self.feature_source != "captions")
+            for i in range(len(ds)):
+                if sum(len(f) for f in feats) + len(pending) >= limit:
+                    break
+                s = ds[i]
+                if s is None:
+                    continue
+                if s.get("features") is not None and self.feature_source in ("auto", "extracted"):
+                    feats.append(torch.as_tensor(np.asarray(s["features"]), dtype=torch.float32)[None])
+                elif self.feature_source == "extracted":
+                    raise ConfigError(f"model.projector.standardize: sample {s.get('id')} of {spec} carries no "
+                                      "features but stage.feature_source=extracted")
+                elif s.get("image") is not None or (self.feature_source == "captions" and s.get("captions")):
+                    pending.append(s)
+                    if len(pending) == 32:
+                        flush()
+        flush()
+        if sum(len(f) for f in feats) < 2:
+            raise ConfigError(f"model.projector.standardize: fewer than 2 training samples with pictures in {urls}")
+        all_feats = torch.cat(feats)[:limit]
+        self.model.projector.fit_standardizer(all_feats)
+        log.info("projector standardiser fitted on %d training samples", len(all_feats))
 
     # -- features -------------------------------------------------------------------------------
     def image_features(self, batch: dict) -> torch.Tensor | None:
@@ -319,7 +367,9 @@ class EasyGenModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # keep what was trained: the projector, LoRA adapters or the LLM; frozen parts load from their sources
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable or ".projector.feature_" in k
+        }
 
     def trained_state(self) -> dict:
         """What this stage trained (projector, LoRA adapters or LLM), gathered to full tensors.
@@ -328,7 +378,8 @@ class EasyGenModule(pl.LightningModule):
         return {
             k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
             for k, v in self.state_dict().items()
-            if k in trainable
+            # the projector's fitted feature statistics (model.projector.standardize) travel with it
+            if k in trainable or ".projector.feature_" in k
         }
 
     def export_artifacts(self, out: Path) -> dict:

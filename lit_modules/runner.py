@@ -280,7 +280,7 @@ def trainer_kwargs(cfg) -> dict:
     every = cfg.stage.get("val_every")
     if max_steps > 0 and t.get("val_check_interval") is None:
         # validate on step counts that divide max_steps, so the last step is always evaluated
-        every = int(every or max_steps)
+        every = min(int(every or max_steps), max_steps)
         while max_steps % every:
             every += 1
         t["val_check_interval"] = every

@@ -96,3 +96,21 @@ def test_data_path_without_shards_fails_early(tmp_path):
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert "data.train[0].urls" in last and "no shards" in last, r.stderr[-2000:]
+
+
+def test_validation_steps_divide_max_steps():
+    """stage.val_every becomes a validation interval that divides max_steps (so the last step is scored),
+    including when it is larger than the run."""
+    from omegaconf import OmegaConf
+
+    from lit_modules.runner import trainer_kwargs
+
+    def interval(max_steps, every):
+        cfg = OmegaConf.create({"trainer": {"max_steps": max_steps, "val_check_interval": None,
+                                            "check_val_every_n_epoch": None}, "stage": {"val_every": every}})
+        return trainer_kwargs(cfg)["val_check_interval"]
+
+    assert interval(1500, 500) == 500
+    assert interval(1000, 300) == 500  # the next divisor up
+    assert interval(2, 500) == 2
+    assert interval(120, None) == 120

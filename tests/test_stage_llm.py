@@ -72,6 +72,11 @@ def fit(cfg, steps: int = 2, ckpt_dir: Path | None = None):
     return module, before, trainer
 
 
+def is_projector_weight(key: str) -> bool:
+    """A trainable projector tensor (not the fitted feature statistics of model.projector.standardize)."""
+    return key.startswith("model.projector.") and ".feature_" not in key
+
+
 def changed(module, before) -> set[str]:
     after = module.state_dict()
     assert set(after) == set(before)
@@ -87,7 +92,7 @@ def test_pretrain_trains_only_the_projector(data_dir, tmp_path, source):
     cfg = make_cfg(data_dir, tmp_path, [f"stage.feature_source={source}"])
     module, before, _ = fit(cfg, steps=2)
     diff = changed(module, before)
-    projector = {k for k in before if k.startswith("model.projector.")}
+    projector = {k for k in before if is_projector_weight(k)}
     # every projector tensor moved, nothing else did (LLM, lm_head, BiDiffuser: bit-identical)
     assert diff == projector, sorted(diff ^ projector)[:10]
     assert trainable(module) == projector
@@ -96,10 +101,11 @@ def test_pretrain_trains_only_the_projector(data_dir, tmp_path, source):
 def test_pretrain_on_extracted_features(data_dir, tmp_path):
     """Shards written by the extract stage's shard writer: features come from `features.npy`, no BiDiffuser
     is built, and the batch carries the stored features exactly."""
-    from data_modules.shards import expand_urls
+    from data_modules.shards import ShardIndexDataset, expand_urls
+    from easygen.checkpoint import save_state_dict_file
     from lit_modules.builders import build_bidiffuser
     from lit_modules.extract import extract_shard
-    from lit_modules.runner import container, ensure_data
+    from lit_modules.runner import build_module, container, ensure_data
 
     base = make_cfg(data_dir, tmp_path)
     ensure_data(base)
@@ -122,17 +128,32 @@ def test_pretrain_on_extracted_features(data_dir, tmp_path):
     )
     module, before, _ = fit(cfg, steps=2)
     assert module.bidiffuser is None
-    assert changed(module, before) == {k for k in before if k.startswith("model.projector.")}
+    assert changed(module, before) == {k for k in before if is_projector_weight(k)}
     batch = next(iter(module.trainer.datamodule.train_dataloader()))
     feats = module.image_features(batch)
     assert feats.shape == (4, int(cfg.model.num_image_tokens), int(cfg.model.feature_dim))
     assert torch.equal(feats, batch["features"])
+    # model.projector.standardize: statistics of the stored training features, fitted before the first step
+    ds = ShardIndexDataset(f"{shards}/train/*.tar", int(cfg.model.image_size), load_images=False)
+    stored = torch.stack([torch.as_tensor(ds[i]["features"]).float() for i in range(len(ds))]).double()
+    proj = module.model.projector
+    torch.testing.assert_close(proj.feature_mean, stored.mean(0).float())
+    torch.testing.assert_close(proj.feature_std, stored.std(0).float())
+    # the next stage starts from them (init_from) instead of fitting again on its own data
+    state = module.trained_state()
+    assert {"model.projector.feature_mean", "model.projector.feature_std"} <= set(state)
+    save_state_dict_file(state, tmp_path / "trained.safetensors")
+    nxt = build_module(make_cfg(data_dir, tmp_path / "next", ["stage.feature_source=captions",
+                                                                 f"init_from={tmp_path / 'trained.safetensors'}"]))
+    nxt.configure_model()
+    assert torch.equal(nxt.model.projector.feature_mean, proj.feature_mean)
+    assert torch.equal(nxt.model.projector.fc1.weight, proj.fc1.weight)
 
 
 def test_pretrain_lm_head_is_a_choice(data_dir, tmp_path):
     cfg = make_cfg(data_dir, tmp_path, ["stage.feature_source=captions", "stage.train_lm_head=true"])
     module, before, _ = fit(cfg, steps=1)
-    expected = {k for k in before if k.startswith(("model.projector.", "model.llm.lm_head."))}
+    expected = {k for k in before if is_projector_weight(k) or k.startswith("model.llm.lm_head.")}
     assert changed(module, before) == expected
 
 
@@ -141,7 +162,7 @@ def test_instruct_lora_trains_adapters_and_projector_small_checkpoint(data_dir, 
     module, before, trainer = fit(cfg, steps=2, ckpt_dir=tmp_path / "ckpt")
     diff = changed(module, before)
     lora_b = {k for k in before if "lora_B" in k}
-    projector = {k for k in before if k.startswith("model.projector.")}
+    projector = {k for k in before if is_projector_weight(k)}
     assert lora_b and projector <= diff
     assert lora_b <= diff  # B starts at zero: every adapter learned
     assert all("lora_" in k or k.startswith("model.projector.") for k in diff)
@@ -149,7 +170,9 @@ def test_instruct_lora_trains_adapters_and_projector_small_checkpoint(data_dir, 
     assert all("lora_" in n or n.startswith("model.projector.") for n in names)
     # the checkpoint holds exactly the trained tensors: adapters + projector, far smaller than the LLM
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert set(ckpt["state_dict"]) == names
+    # (plus the projector's fitted feature statistics, which are buffers)
+    stats = {k for k in module.state_dict() if ".projector.feature_" in k}
+    assert set(ckpt["state_dict"]) == names | stats
     saved = sum(v.numel() for v in ckpt["state_dict"].values())
     llm = sum(p.numel() for p in module.model.llm.parameters() if not p.requires_grad)
     assert saved < llm / 3, (saved, llm)
@@ -157,7 +180,7 @@ def test_instruct_lora_trains_adapters_and_projector_small_checkpoint(data_dir, 
     art = module.export_artifacts(tmp_path / "export")
     from easygen.checkpoint import load_state_dict_file
 
-    assert set(load_state_dict_file(art["weights"])) == names
+    assert set(load_state_dict_file(art["weights"])) == names | stats
     # stage.export_merged: the merged folder loads with plain transformers and gives the adapted logits
     from transformers import AutoModelForCausalLM
 
@@ -358,7 +381,7 @@ def test_t5_mid_align_stage(data_dir, tmp_path):
     )
     module, before, _ = fit(cfg, steps=2)
     assert isinstance(module.model, EasyGenT5)
-    assert changed(module, before) == {k for k in before if k.startswith("model.projector.")}
+    assert changed(module, before) == {k for k in before if is_projector_weight(k)}
     module.eval()
     samples = [
         {"id": f"s{i}", "kind": "caption", "captions": [c]}
