@@ -98,7 +98,10 @@ class EasyGenModule(pl.LightningModule):
         if self.cfg.get("init_from"):
             self.load_weights(self.cfg["init_from"])
         if getattr(self.model.projector, "needs_fit", False):
-            self.fit_feature_standardizer()
+            if self.stage_cfg.get("kind") == "train":
+                self.fit_feature_standardizer()
+            else:  # eval/chat read the statistics from init_from; without them the features pass unchanged
+                log.warning("model.projector.standardize: no fitted statistics in init_from; features unscaled")
         if self.device_mesh is not None:
             from lit_modules.fsdp import shard_easygen
 
