@@ -353,15 +353,12 @@ def test_online_encoder_outputs_are_cached_per_picture(data, tmp_path):
     batch = module.collate(samples(f"{data_dir}/synthetic-64px-n40-seed0/train/*.tar")[:6])
     first = module.encoder_targets(batch)
     assert len(module._image_cache) == 6 and len(module._text_cache) == len(set(batch["captions"]))
-    calls = []
-    handle = pipe.vae.register_forward_pre_hook(lambda *a: calls.append(1))
+    calls = []  # the VAE's encoder, hooked: are the pictures encoded again?
+    hook = pipe.vae.encoder.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        # the VAE's encoder is a submodule: hook it to see whether the pictures are encoded again
-        hook = pipe.vae.encoder.register_forward_pre_hook(lambda *a: calls.append(1))
         second = module.encoder_targets(batch)
-        hook.remove()
     finally:
-        handle.remove()
+        hook.remove()
     assert calls == []
     enc = pipe.encode_images(batch["images"])
     torch.testing.assert_close(torch.stack([module._image_cache[i][0] for i in batch["ids"]]), enc["moments"])
