@@ -15,6 +15,7 @@ from easygen.bidiffuser.autoencoder import (
     diffusers_to_ldm_state_dict,
     encode_moments,
     ldm_to_diffusers_state_dict,
+    linearize_encoder,
     load_autoencoder,
     sample_latent,
     tiny_autoencoder,
@@ -24,7 +25,7 @@ from easygen.bidiffuser.clip import ClipImageEncoder, ClipTextEncoder
 
 @pytest.fixture(scope="module")
 def vae():
-    model = tiny_autoencoder(seed=3)
+    model = tiny_autoencoder(seed=3, linear=False)
     with torch.no_grad():  # move norms and biases off their (1, 0) init so a mixed-up key shows
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -74,6 +75,41 @@ def test_ldm_checkpoint_loads_exactly(vae, ldm_pth):
         assert torch.equal(m, m_ref)
         z = sample_latent(m, torch.Generator().manual_seed(0))
         assert torch.equal(decode(loaded, z), decode(vae, z))
+
+
+def _affine_fit_error(moments: torch.Tensor, images: torch.Tensor) -> float:
+    """Largest error of the best affine map from 8x8-pooled colours to the latent means, relative to their spread."""
+    pooled = torch.nn.functional.avg_pool2d(images, 8).permute(0, 2, 3, 1).reshape(-1, 3).double()
+    means = moments[:, : moments.shape[1] // 2].permute(0, 2, 3, 1).reshape(-1, moments.shape[1] // 2).double()
+    design = torch.cat([pooled, torch.ones(len(pooled), 1, dtype=torch.double)], 1)
+    fit = design @ torch.linalg.lstsq(design, means).solution
+    return float((fit - means).abs().max() / means.std(0).mean())
+
+
+def test_linearized_tiny_encoder_maps_pooled_colours_affinely():
+    """With the texture off, the tiny encoder is an affine map of the 8x8-pooled colours (the output norm is a
+    fixed scale, the SiLU near-linear); a fully random encoder is far from one; the default keeps the
+    first levels' random blocks on top (not affine) and a sharp posterior."""
+    blocky = torch.nn.functional.interpolate(
+        torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1, size=64
+    )
+    with torch.no_grad():
+        plain = tiny_autoencoder(seed=1, linear=False)
+        linearize_encoder(plain, torch.Generator().manual_seed(1), texture=0.0)
+        assert _affine_fit_error(encode_moments(plain, blocky), blocky) < 0.01
+        assert _affine_fit_error(encode_moments(tiny_autoencoder(seed=1, linear=False), blocky), blocky) > 0.1
+        textured = encode_moments(tiny_autoencoder(seed=1), blocky)
+        assert _affine_fit_error(textured, blocky) > 0.05
+        assert torch.all(textured[:, 4:] == -12.0)
+
+
+def test_linearize_encoder_rejects_other_topologies():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
+    with pytest.raises(ValueError, match="widths"):
+        linearize_encoder(vae)
 
 
 def test_helpers_follow_diffusers_and_the_reference_scaling(vae):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from easygen.bidiffuser.autoencoder import diffusers_to_ldm_state_dict
+from easygen.bidiffuser.autoencoder import diffusers_to_ldm_state_dict, tiny_autoencoder
 from easygen.bidiffuser.clip import ClipImageEncoder
 from easygen.bidiffuser.convert import save_uvit
 from easygen.bidiffuser.pipeline import BiDiffuser
@@ -113,7 +113,12 @@ def test_inconsistent_parts_are_refused(model):
         BiDiffuser(model.uvit, model.vae, wrong_clip, model.clip_text, model.caption_decoder)
 
 
-def test_from_paths_rebuilds_the_same_model(model, images, features, tmp_path):
+def test_from_paths_rebuilds_the_same_model(images, tmp_path):
+    # the tiny preset's linearised VAE keeps part of its character in its output norm's eps, which no
+    # checkpoint format carries: the files are written from a tiny pipeline with an all-random VAE
+    model = BiDiffuser.tiny(CORPUS, seed=0, image_size=64, **SAMPLER)
+    model.vae = tiny_autoencoder(0, linear=False).eval().requires_grad_(False)
+    features = model.i2t_features(images)
     save_uvit(model.uvit, tmp_path / "uvit.pth")
     torch.save(
         diffusers_to_ldm_state_dict(model.vae.state_dict(), num_levels=4), tmp_path / "autoencoder_kl.pth"

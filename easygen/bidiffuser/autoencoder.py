@@ -177,8 +177,10 @@ def _config_from_ldm(sd: dict[str, torch.Tensor], source: str, norm_num_groups: 
     )
 
 
-def tiny_autoencoder(seed: int = 0) -> AutoencoderKL:
-    """A random KL autoencoder with the real topology (4 levels, factor 8, 4 latent channels), tiny widths."""
+def tiny_autoencoder(seed: int = 0, linear: bool = True) -> AutoencoderKL:
+    """A random KL autoencoder with the real topology (4 levels, factor 8, 4 latent channels), tiny widths;
+    ``linear``: its encoder set to a trained one's character (:func:`linearize_encoder`); False keeps every
+    weight random (for tests of the checkpoint formats)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         vae = AutoencoderKL(
@@ -193,8 +195,74 @@ def tiny_autoencoder(seed: int = 0) -> AutoencoderKL:
             sample_size=64,
             scaling_factor=SCALE_FACTOR,
         )
-        sharpen_posterior(vae)
+        if linear:
+            linearize_encoder(vae, torch.Generator().manual_seed(seed))
+        sharpen_posterior(vae, gain=TINY_LINEAR_GAIN if linear else TINY_MEAN_GAIN)
     return vae
+
+
+# A trained KL-f8 encoder's latent is close to a fixed linear map of the picture's colours pooled over each
+# 8x8 cell (what SD's cheap latent previews rely on); a random one mixes colour, brightness and texture
+# through GroupNorms and SiLUs, so that even the colour of a plain shape is hard to read off its latent.
+# The tiny preset's encoder takes the trained character: a random colour mix at the input, a 2x2 mean at
+# each downsampling, the random residual blocks of the two full-width levels kept (amplified by TINY_TEXTURE:
+# local structure such as edges and extent, as visible as colour), those of the deeper levels and the middle
+# off, and an output norm that is a fixed scale (every signal channel
+# is paired in its GroupNorm group with its negative, so the group mean is 0, and the norm's eps is set so
+# large that the picture's variance does not move the divisor), its SiLU then working in its linear range.
+LINEAR_NORM_EPS = 1.0e8
+TINY_TEXTURE = 3.0
+TINY_LINEAR_GAIN = 4.0  # latents x 0.18215 of the synthetic pictures then spread about 1
+LINEAR_OFFSET = 8.0  # the signal enters the SiLU around here, where SiLU(x) = x to 3e-3
+
+
+def linearize_encoder(
+    vae: AutoencoderKL, generator: torch.Generator | None = None, texture: float = TINY_TEXTURE
+) -> None:
+    """Set the encoder so that its output is a linear map of the 8x8-pooled colours plus ``texture`` x the
+    random residual blocks of the first two levels (0: purely linear). Sets the output norm's ``eps``, which
+    is not in the state dict. Needs the tiny topology: 4 levels of one block each, widths (w, w, 2w, 2w),
+    two channels per group in the output norm."""
+    enc = vae.encoder
+    widths = [blk.resnets[0].conv2.out_channels for blk in enc.down_blocks]
+    if len(widths) != 4 or widths[0] != widths[1] or widths[2] != widths[3] or widths[2] != 2 * widths[1]:
+        raise ValueError(f"linearize_encoder expects block widths (w, w, 2w, 2w), got {tuple(widths)}")
+    if enc.conv_norm_out.num_groups * 2 != widths[3]:
+        raise ValueError("linearize_encoder expects two channels per group in the encoder's output norm")
+    w = widths[0]
+    g = generator or torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for level, blk in enumerate(enc.down_blocks):  # residual branches: kept x texture, then off
+            for res in blk.resnets:
+                res.conv2.weight.mul_(texture if level < 2 else 0.0), res.conv2.bias.mul_(texture if level < 2 else 0.0)
+        for res in enc.mid_block.resnets:
+            res.conv2.weight.zero_(), res.conv2.bias.zero_()
+        for attn in enc.mid_block.attentions:
+            attn.to_out[0].weight.zero_(), attn.to_out[0].bias.zero_()
+        enc.conv_in.weight.zero_(), enc.conv_in.bias.zero_()  # colour mix, centre tap only
+        enc.conv_in.weight[:, :, 1, 1] = torch.randn(w, 3, generator=g) / 3**0.5
+        for blk in enc.down_blocks:  # each downsampling is a per-channel 2x2 mean
+            for down in blk.downsamplers or []:
+                down.conv.weight.zero_(), down.conv.bias.zero_()
+                for c in range(down.conv.out_channels):
+                    down.conv.weight[c, c, :2, :2] = 0.25
+        sc = enc.down_blocks[2].resnets[0].conv_shortcut  # widening 1x1: channel 2i = input i, 2i+1 = -input i
+        sc.weight.zero_(), sc.bias.zero_()
+        for i in range(w):
+            sc.weight[2 * i, i, 0, 0], sc.weight[2 * i + 1, i, 0, 0] = 1.0, -1.0
+        norm = enc.conv_norm_out
+        norm.eps = LINEAR_NORM_EPS
+        norm.weight.zero_(), norm.bias.zero_()
+        norm.weight[0::2] = LINEAR_NORM_EPS**0.5
+        norm.bias[0::2] = LINEAR_OFFSET
+        out = enc.conv_out
+        out.weight.zero_(), out.bias.zero_()
+        mix = torch.randn(out.out_channels, w, generator=g) / w**0.5
+        out.weight[:, 0::2, 1, 1] = mix
+        out.bias.copy_(-LINEAR_OFFSET * mix.sum(1))  # take the SiLU's offset back out
+        if vae.quant_conv is not None:
+            vae.quant_conv.weight.zero_(), vae.quant_conv.bias.zero_()
+            vae.quant_conv.weight[:, :, 0, 0] = torch.eye(vae.quant_conv.out_channels)
 
 
 # A trained KL-f8 VAE encodes almost deterministically (posterior std far below the spread of the means)
