@@ -50,14 +50,15 @@ def test_short_recipe_hands_outputs_on(tmp_path, run_env):
 
 @pytest.mark.slow
 def test_full_recipe_learns_on_the_embedded_default(tmp_path, run_env):
-    """The whole recipe as a user runs it (about 7 minutes on 2 idle cores): the final model's held-out
-    CIDEr beats the best constant caption and the same recipe trained on shuffled pictures. The figures of
-    the latest run are in experiments/RESULTS.md."""
+    """The whole recipe as a user runs it (about 8 minutes on 2 idle cores): the final model's held-out
+    CIDEr is well above the best constant caption's and the same recipe's trained on shuffled pictures
+    (measured: 3.6x and 4.6x at seed 42, 3.2x at seed 1; the margin here leaves room for other CPUs' float
+    results). The figures of the latest run are in experiments/RESULTS.md."""
     out = tmp_path / "all"
     args = [sys.executable, "run.py", "stage=all", "logger=csv", f"paths.data_dir={tmp_path}/data",
             f"paths.log_dir={tmp_path}/logs", f"hydra.run.dir={out}"]
     r = subprocess.run(args, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
     m = json.loads((out / "results.json").read_text())["metrics"]
-    assert m["test/CIDEr"] > 1.2 * m["baseline/constant_CIDEr"], m
-    assert m["test/CIDEr"] > 1.5 * m["baseline/shuffled_CIDEr"], m
+    assert m["test/CIDEr"] > 2.5 * m["baseline/constant_CIDEr"], m
+    assert m["test/CIDEr"] > 2.5 * m["baseline/shuffled_CIDEr"], m
