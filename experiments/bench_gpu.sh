@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 TINY=${TINY:-0}
 flag=""
 [ "$TINY" = 1 ] && flag="--tiny"
