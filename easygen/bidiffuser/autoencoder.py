@@ -207,9 +207,9 @@ def tiny_autoencoder(seed: int = 0, linear: bool = True) -> AutoencoderKL:
 # The tiny preset's encoder takes the trained character: a random colour mix at the input, a 2x2 mean at
 # each downsampling, the random residual blocks of the two full-width levels kept (amplified by TINY_TEXTURE:
 # local structure such as edges and extent, as visible as colour), those of the deeper levels and the middle
-# off, and an output norm that is a fixed scale (every signal channel
-# is paired in its GroupNorm group with its negative, so the group mean is 0, and the norm's eps is set so
-# large that the picture's variance does not move the divisor), its SiLU then working in its linear range.
+# off, and an output norm that is a fixed scale (every signal channel is paired in its GroupNorm group with
+# its negative, so the group mean is 0, and the norm's eps is set so large that the picture's variance does
+# not move the divisor), its SiLU then working in its linear range.
 LINEAR_NORM_EPS = 1.0e8
 TINY_TEXTURE = 3.0
 TINY_LINEAR_GAIN = 4.0  # latents x 0.18215 of the synthetic pictures then spread about 1
@@ -269,7 +269,8 @@ def linearize_encoder(
 # and its latents times 0.18215 have about unit variance. A random encoder has neither: its log-variance
 # is about 0, so a sampled latent is noise with the picture buried under it, and its means are small.
 # The tiny preset takes the trained VAE's character: log-variance fixed at TINY_LOGVAR, means scaled by
-# TINY_MEAN_GAIN (latents of the synthetic pictures then have a spread of about 1 after the 0.18215).
+# TINY_MEAN_GAIN for the all-random encoder, TINY_LINEAR_GAIN for the linearised one (latents of the
+# synthetic pictures then have a spread of about 1 after the 0.18215).
 TINY_LOGVAR = -12.0
 TINY_MEAN_GAIN = 25.0
 
