@@ -244,12 +244,12 @@ def linearize_encoder(
         for blk in enc.down_blocks:  # each downsampling is a per-channel 2x2 mean
             for down in blk.downsamplers or []:
                 down.conv.weight.zero_(), down.conv.bias.zero_()
-                for c in range(down.conv.out_channels):
-                    down.conv.weight[c, c, :2, :2] = 0.25
+                c = torch.arange(down.conv.out_channels)
+                down.conv.weight[c, c, :2, :2] = 0.25
         sc = enc.down_blocks[2].resnets[0].conv_shortcut  # widening 1x1: channel 2i = input i, 2i+1 = -input i
         sc.weight.zero_(), sc.bias.zero_()
-        for i in range(w):
-            sc.weight[2 * i, i, 0, 0], sc.weight[2 * i + 1, i, 0, 0] = 1.0, -1.0
+        i = torch.arange(w)
+        sc.weight[2 * i, i, 0, 0], sc.weight[2 * i + 1, i, 0, 0] = 1.0, -1.0
         norm = enc.conv_norm_out
         norm.eps = LINEAR_NORM_EPS
         norm.weight.zero_(), norm.bias.zero_()
