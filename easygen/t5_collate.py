@@ -8,6 +8,11 @@ padding -100). Earlier turns of a dialogue become part of the encoder prompt.
 For the feature-matching term of Mid-Align the batch also carries the tokenised caption of every
 sample (``caption_input_ids``), when every sample of the batch has one; the T5 encoder's states of the
 caption are the target the projected diffusion feature is pulled towards.
+
+With a T5 tokenizer (sentencepiece, no BOS, ``</s>`` = 1, ``<pad>`` = 0) every encoder input is the
+prompt's pieces followed by ``</s>``, padded with ``<pad>``. The decoder's inputs are not built here:
+``T5ForConditionalGeneration`` shifts the labels right itself, starting from ``decoder_start_token_id``
+(the pad id) and writing the pad id where a label is -100 (tests/test_t5_tokenizer.py checks both).
 """
 
 from __future__ import annotations

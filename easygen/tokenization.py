@@ -10,12 +10,20 @@ with the special tokens of the family it stands in for:
 
 Byte-level BPE never maps text to ``<unk>``: any string round-trips, so a user's question in the
 chat stage tokenises even when its words were not in the corpus.
+
+The tiny FlanT5 stand-in (``"t5"``, ``build_t5_tokenizer``) is not a BPE but what T5 really uses: a
+sentencepiece unigram model (``spiece.model``) trained locally with T5's special ids (``<pad>`` = 0,
+``</s>`` = 1, ``<unk>`` = 2, no BOS), wrapped as ``transformers.T5TokenizerFast`` with the sentinel
+tokens ``<extra_id_0..N-1>`` after the pieces (``<extra_id_0>`` has the highest id), as the released
+T5/FlanT5 tokenizers are (T5: Raffel et al. 2020, JMLR; the sentinels of span corruption, §3.1.4).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import string
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -90,8 +98,12 @@ def build_tokenizer(
     """Train (or load from ``cache_dir``) a byte-level BPE tokenizer of the given family."""
     from transformers import PreTrainedTokenizerFast
 
+    if kind == "t5":
+        return build_t5_tokenizer(
+            corpus, vocab_size=vocab_size, model_max_length=model_max_length, cache_dir=cache_dir
+        )
     if kind not in SPECIALS:
-        raise ValueError(f"tokenizer kind must be one of {sorted(SPECIALS)}, got {kind!r}")
+        raise ValueError(f"tokenizer kind must be one of {sorted([*SPECIALS, 't5'])}, got {kind!r}")
     corpus = list(corpus) + [" ".join(BASE_WORDS)] + BASE_WORDS
     key = hashlib.sha1(json.dumps([kind, vocab_size, sorted(set(corpus))]).encode()).hexdigest()[:12]
     target = Path(cache_dir) / f"{kind}-{key}" if cache_dir is not None else None
@@ -107,4 +119,99 @@ def build_tokenizer(
     if target is not None:
         target.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(target))
+    return tok
+
+
+# T5's sentencepiece layout: pad, eos, unk first; no BOS (the decoder starts from the pad id).
+T5_SPECIALS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+# Every letter, digit and punctuation mark once, so a user's question does not fall to <unk>
+# character by character (characters outside the corpus still do, as with the released T5 vocabulary).
+T5_ALPHABET = " ".join(string.ascii_letters + string.digits + string.punctuation)
+
+
+def train_t5_spiece(corpus: Iterable[str], vocab_size: int) -> bytes:
+    """A sentencepiece unigram model (the serialised ``spiece.model``) with T5's settings.
+
+    ``vocab_size`` is an upper bound: a small corpus supports only so many unigram pieces, and the
+    trainer stops there (``hard_vocab_limit=False``). One thread, no sampling: the same corpus gives
+    the same model.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    sentences = [line for line in corpus if line.strip()]
+    if not sentences:
+        raise ValueError("train_t5_spiece: the corpus has no non-empty line")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=buf,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece=T5_SPECIALS["pad_token"],
+        eos_piece=T5_SPECIALS["eos_token"],
+        unk_piece=T5_SPECIALS["unk_token"],
+        character_coverage=1.0,
+        normalization_rule_name="nmt_nfkc",
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def build_t5_tokenizer(
+    corpus: Iterable[str] = (),
+    vocab_size: int = 512,
+    extra_ids: int = 100,
+    model_max_length: int = 512,
+    cache_dir: str | Path | None = None,
+):
+    """Train (or load from ``cache_dir``) a T5 tokenizer: sentencepiece unigram + ``extra_ids`` sentinels.
+
+    ``vocab_size`` bounds the whole vocabulary, sentinels included (the unigram model gets at most
+    ``vocab_size - extra_ids`` pieces); ``len(tokenizer)`` is the exact size a model's embedding needs.
+    The folder written to ``cache_dir`` holds ``spiece.model`` too, so ``T5Tokenizer.from_pretrained``
+    and ``sentencepiece.SentencePieceProcessor`` can both read it.
+    """
+    from transformers import T5TokenizerFast
+
+    budget = int(vocab_size) - int(extra_ids)
+    if extra_ids < 0 or budget < 16:
+        raise ValueError(
+            f"T5 tokenizer: vocab_size={vocab_size} (model.llm.vocab_size) leaves {budget} sentencepiece "
+            f"pieces after {extra_ids} extra ids; raise model.llm.vocab_size"
+        )
+    corpus = list(corpus) + [" ".join(BASE_WORDS), T5_ALPHABET] + BASE_WORDS
+    spec = json.dumps(["t5", vocab_size, extra_ids, sorted(set(corpus))])
+    key = hashlib.sha1(spec.encode()).hexdigest()[:12]
+    target = Path(cache_dir) / f"t5-{key}" if cache_dir is not None else None
+    kwargs = {"extra_ids": extra_ids, "model_max_length": model_max_length, **T5_SPECIALS}
+    if target is not None and (target / "tokenizer.json").exists() and (target / "spiece.model").exists():
+        return T5TokenizerFast.from_pretrained(str(target), local_files_only=True)
+    try:
+        model = train_t5_spiece(corpus, budget)
+    except RuntimeError as e:  # e.g. a budget below the number of distinct characters
+        raise ValueError(
+            f"T5 tokenizer: sentencepiece could not train {budget} pieces (model.llm.vocab_size={vocab_size} "
+            f"minus {extra_ids} extra ids): {e}"
+        ) from e
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "spiece.model").write_bytes(model)
+        # Converted from spiece.model by transformers itself (its T5 converter), as a released
+        # T5 checkpoint without tokenizer.json would be.
+        tok = T5TokenizerFast.from_pretrained(tmp, local_files_only=True, **kwargs)
+        tok.vocab_file = None  # the temporary folder goes away
+        if target is not None:
+            target.mkdir(parents=True, exist_ok=True)
+            tok.save_pretrained(str(target))
+            (target / "spiece.model").write_bytes(model)
+            tok.vocab_file = str(target / "spiece.model")
     return tok

@@ -339,7 +339,7 @@ def test_t5_collator_prompt_labels_and_captions():
     from easygen.templates import IGNORE_INDEX
     from easygen.tokenization import build_tokenizer
 
-    tok = build_tokenizer("llama", ["a red circle", "what colour is it"], vocab_size=300)
+    tok = build_tokenizer("t5", ["a red circle", "what colour is it"], vocab_size=300)
     col = T5Collator(tok, max_length=64)
     feats = torch.randn(16, 8)
     batch = col(
@@ -359,12 +359,13 @@ def test_t5_collator_prompt_labels_and_captions():
     for b, answer in enumerate(["a red circle", "red"]):
         row = batch["labels"][b]
         ids = row[row != IGNORE_INDEX].tolist()
-        assert ids == tok(answer, add_special_tokens=False)["input_ids"] + [eos]
+        # a T5 tokenizer appends </s> itself
+        assert ids == tok(answer)["input_ids"] and ids[-1] == eos
     prompt = tok.decode(batch["input_ids"][1][batch["attention_mask"][1].bool()], skip_special_tokens=True)
     assert "what colour is it? please giving an short answer." in prompt and "<image>" not in prompt
     assert batch["has_image"].all() and batch["features"].shape == (2, 16, 8)
     cap = batch["caption_input_ids"][0][batch["caption_attention_mask"][0].bool()].tolist()
-    assert cap == tok("a red circle", add_special_tokens=False)["input_ids"] + [eos]
+    assert cap == tok("a red circle")["input_ids"]
     with pytest.raises(ValueError, match="sample x"):
         col([{"id": "x", "kind": "caption", "captions": ["a"]}])  # an image marker with nothing to place
 
@@ -381,6 +382,14 @@ def test_t5_mid_align_stage(data_dir, tmp_path):
     )
     module, before, _ = fit(cfg, steps=2)
     assert isinstance(module.model, EasyGenT5)
+    # the preset's tokenizer is a real T5 one (tests/test_t5_tokenizer.py), the embedding sized to it
+    from transformers import T5TokenizerFast
+
+    tok = module.tokenizer
+    assert isinstance(tok, T5TokenizerFast) and tok.bos_token is None
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 1) and len(tok) <= int(cfg.model.llm.vocab_size)
+    t5 = module.model.t5
+    assert t5.get_input_embeddings().num_embeddings == len(tok) == t5.lm_head.out_features
     assert changed(module, before) == {k for k in before if is_projector_weight(k)}
     module.eval()
     samples = [
