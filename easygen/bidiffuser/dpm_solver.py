@@ -1,13 +1,28 @@
-"""DPM-Solver++ (data prediction) for the VP schedule, as UniDiffuser and EasyGen sample with it.
+"""DPM-Solver++ (data prediction) for the VP schedule, with UniDiffuser's "DPM-Solver-fast" time points.
 
 Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models": the
 exponential-integrator update in half log-SNR lambda with the data predictor x0 = (x - sigma_t eps) / alpha_t
-(Eq. 9), singlestep updates of order 1-3 (Alg. 1, and DPM-Solver's third-order singlestep, Alg. 2 of Lu et al.
-2022a written for data prediction) and the multistep updates of order 2-3 (Alg. 2) with the "dpm_solver"
-(midpoint) variant. ``method="fast"`` is the reference code's schedule: with order 3, K = steps // 3 + 1 outer
-intervals, all third order except a final second/first order one, so 50 NFE = 16 x 3 + 2; inside an
-interval the intermediate points are placed time-uniformly and passed as (r1, r2) in lambda.
-Every step shares one t across the batch, so all coefficients are float64 scalars.
+(Eq. 9); singlestep updates of order 1 (the DDIM step), 2 (Alg. 1) and 3 (the third-order singlestep of
+Lu et al. 2022a, Alg. 2, written for data prediction, "dpm_solver" variant), as UniDiffuser's
+dpm_solver_pp.py (``DPM_Solver(..., predict_x0=True)``) implements them.
+
+``method="fast"`` follows ``DPM_Solver.sample(method='fast')`` of UniDiffuser's dpm_solver_pp.py, which
+``sample_multi_v1.py`` calls with ``steps=50, eps=1/N, T=1``:
+
+- the per-step orders come from its ``get_time_steps_for_dpm_solver_fast``: with order 3 and
+  K = steps // 3 + 1, ``[3] * (K - 2) + [2, 1]`` if steps % 3 == 0, ``[3] * (K - 1) + [1]`` if
+  steps % 3 == 1, ``[3] * (K - 1) + [2]`` if steps % 3 == 2 (50 NFE: 16 x 3 + 2; 12 NFE: 3, 3, 3, 2, 1);
+  with order 2, ``[2] * (steps // 2)`` plus a final ``1`` when steps is odd;
+- the time points are ONE grid of steps + 1 points from t_start to t_end (``get_time_steps(skip_type, T,
+  eps, N=steps)``: uniform in t for "time_uniform", uniform in lambda for "logSNR"), walked in groups: a
+  step of order k goes from point i to point i + k, and its intermediate evaluations sit at points i + 1
+  and i + 2 (passed to the update as r1, r2 = (lambda_{i+1} - lambda_i) / h, (lambda_{i+2} - lambda_i) / h).
+  The K + 1 points that ``get_time_steps_for_dpm_solver_fast`` also returns are discarded by ``sample``
+  (``orders, _ = ...``); only its orders are used.
+
+Every function evaluation lands on a grid point, so ``steps`` is the number of network evaluations.
+Order 1 is not accepted by the reference's fast path (it raises); here it means ``steps`` first-order steps
+(DDIM) on the same grid. Every step shares one t across the batch, so all coefficients are float64 scalars.
 """
 
 from __future__ import annotations
@@ -21,6 +36,7 @@ import torch
 from .schedule import NoiseSchedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SKIP_TYPES = ("time_uniform", "logSNR")
 
 
 class DPMSolverPP:
@@ -51,14 +67,47 @@ class DPMSolverPP:
         return (x - self._sigma(t) * eps) / self._alpha(t)
 
     def time_steps(self, skip_type: str, t_start: float, t_end: float, n: int) -> list[float]:
+        """n + 1 points from t_start to t_end (``get_time_steps`` of UniDiffuser's dpm_solver_pp.py)."""
         if skip_type == "time_uniform":
             return torch.linspace(t_start, t_end, n + 1, dtype=torch.float64).tolist()
         if skip_type == "logSNR":
             lambdas = torch.linspace(self._lambda(t_start), self._lambda(t_end), n + 1, dtype=torch.float64)
             return self.ns.inverse_lambda(lambdas).tolist()
-        raise ValueError(f"skip_type must be 'time_uniform' or 'logSNR', got {skip_type!r}")
+        raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
 
-    # Singlestep updates (s -> t).
+    @staticmethod
+    def fast_orders(steps: int, order: int) -> list[int]:
+        """Per-step orders of DPM-Solver-fast (``get_time_steps_for_dpm_solver_fast`` of UniDiffuser's
+        dpm_solver_pp.py); they sum to ``steps`` function evaluations."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if order == 3:
+            k = steps // 3 + 1
+            if steps % 3 == 0:
+                return [3] * (k - 2) + [2, 1]
+            if steps % 3 == 1:
+                return [3] * (k - 1) + [1]
+            return [3] * (k - 1) + [2]
+        if order == 2:
+            return [2] * (steps // 2) + [1] * (steps % 2)
+        if order == 1:
+            return [1] * steps
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+
+    def fast_schedule(
+        self,
+        steps: int,
+        order: int = 3,
+        skip_type: str = "time_uniform",
+        t_start: float = 1.0,
+        t_end: float = 1e-3,
+    ) -> tuple[list[int], list[float]]:
+        """(orders, the steps + 1 grid points) of DPM-Solver-fast; step j goes from point sum(orders[:j]) to
+        point sum(orders[:j + 1])."""
+        orders = self.fast_orders(steps, order)
+        return orders, self.time_steps(skip_type, t_start, t_end, steps)
+
+    # Singlestep update (s -> t).
 
     def singlestep_update(
         self,
@@ -101,94 +150,35 @@ class DPMSolverPP:
             return (sig_t / sig_s) * x - (a_t * phi_1) * m_s + (1.0 / r2) * (a_t * phi_2) * (m_s2 - m_s)
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
 
-    # Multistep update from the last `order` data predictions to t.
-
-    def multistep_update(
-        self, x: torch.Tensor, models: list[torch.Tensor], times: list[float], t: float, order: int
-    ) -> torch.Tensor:
-        lam_0, lam_t = self._lambda(times[-1]), self._lambda(t)
-        h = lam_t - lam_0
-        sig_0, sig_t, a_t = self._sigma(times[-1]), self._sigma(t), self._alpha(t)
-        phi_1 = math.expm1(-h)
-        m0 = models[-1]
-        x_t = (sig_t / sig_0) * x - (a_t * phi_1) * m0
-        if order == 1:
-            return x_t
-        r0 = (lam_0 - self._lambda(times[-2])) / h
-        d1_0 = (1.0 / r0) * (m0 - models[-2])
-        if order == 2:
-            return x_t - 0.5 * (a_t * phi_1) * d1_0
-        if order == 3:
-            r1 = (self._lambda(times[-2]) - self._lambda(times[-3])) / h
-            d1_1 = (1.0 / r1) * (models[-2] - models[-3])
-            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-            d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
-            phi_2 = phi_1 / h + 1.0
-            phi_3 = phi_2 / h - 0.5
-            return x_t + (a_t * phi_2) * d1 - (a_t * phi_3) * d2
-        raise ValueError(f"order must be 1, 2 or 3, got {order}")
-
-    @staticmethod
-    def fast_orders(steps: int, order: int) -> list[int]:
-        """Per-interval orders of the reference 'fast' schedule, summing to `steps` function evaluations."""
-        if order == 3:
-            k = steps // 3 + 1
-            if steps % 3 == 0:
-                return [3] * (k - 2) + [2, 1]
-            if steps % 3 == 1:
-                return [3] * (k - 1) + [1]
-            return [3] * (k - 1) + [2]
-        if order == 2:
-            return [2] * (steps // 2) + [1] * (steps % 2)
-        if order == 1:
-            return [1] * steps
-        raise ValueError(f"order must be 1, 2 or 3, got {order}")
-
     @torch.no_grad()
     def sample(
         self,
         x: torch.Tensor,
         steps: int = 50,
         order: int = 3,
-        method: Literal["fast", "multistep"] = "fast",
+        method: Literal["fast"] = "fast",
         skip_type: Literal["time_uniform", "logSNR"] = "time_uniform",
         t_start: float = 1.0,
         t_end: float = 1e-3,
-        lower_order_final: bool = True,
     ) -> torch.Tensor:
-        """Integrate the probability-flow ODE from t_start to t_end with `steps` model evaluations (fast) or
-        `steps` steps (multistep, steps evaluations as well)."""
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if method == "fast":
-            orders = self.fast_orders(steps, order)
-            outer = self.time_steps(skip_type, t_start, t_end, len(orders))
-            for i, o in enumerate(orders):
-                s, t = outer[i], outer[i + 1]
-                inner = self.time_steps(skip_type, s, t, o)
-                lam = [self._lambda(u) for u in inner]
-                h = lam[-1] - lam[0]
-                r1 = (lam[1] - lam[0]) / h if o >= 2 else None
-                r2 = (lam[2] - lam[0]) / h if o >= 3 else None
-                x = self.singlestep_update(x, s, t, o, r1=r1, r2=r2)
-            return x
-        if method == "multistep":
-            if order not in (1, 2, 3):
-                raise ValueError(f"order must be 1, 2 or 3, got {order}")
-            ts = self.time_steps(skip_type, t_start, t_end, steps)
-            models = [self.data_prediction(x, ts[0])]
-            times = [ts[0]]
-            for step in range(1, steps + 1):
-                # Warm up with lower orders; optionally finish with lower orders too (more stable for few steps).
-                step_order = min(order, step)
-                if lower_order_final:
-                    step_order = min(step_order, steps + 1 - step)
-                x = self.multistep_update(x, models, times, ts[step], step_order)
-                times = (times + [ts[step]])[-order:]
-                if step < steps:
-                    models = (models + [self.data_prediction(x, ts[step])])[-order:]
-            return x
-        raise ValueError(f"method must be 'fast' or 'multistep', got {method!r}")
+        """Integrate the probability-flow ODE from t_start to t_end with ``steps`` model evaluations."""
+        if method != "fast":
+            raise ValueError(
+                f"sampler method must be 'fast' (DPM-Solver-fast, the sampler of UniDiffuser's "
+                f"sample_multi_v1.py), got {method!r}"
+            )
+        if skip_type not in SKIP_TYPES:
+            raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
+        orders, ts = self.fast_schedule(steps, order, skip_type, t_start, t_end)
+        i = 0
+        for o in orders:
+            lam_i = self._lambda(ts[i])
+            h = self._lambda(ts[i + o]) - lam_i
+            r1 = (self._lambda(ts[i + 1]) - lam_i) / h if o >= 2 else None
+            r2 = (self._lambda(ts[i + 2]) - lam_i) / h if o >= 3 else None
+            x = self.singlestep_update(x, ts[i], ts[i + o], o, r1=r1, r2=r2)
+            i += o
+        return x
 
 
 def dpm_solver_sample(
@@ -197,7 +187,7 @@ def dpm_solver_sample(
     x: torch.Tensor,
     steps: int = 50,
     order: int = 3,
-    method: Literal["fast", "multistep"] = "fast",
+    method: Literal["fast"] = "fast",
     **kwargs,
 ) -> torch.Tensor:
     return DPMSolverPP(model_fn, schedule).sample(x, steps=steps, order=order, method=method, **kwargs)
