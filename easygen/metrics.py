@@ -16,12 +16,15 @@ plumbing, which must not change a digit:
 CIDEr's document frequencies come from the references of the scored set, so a whole evaluation set
 must be scored in one call, never per batch or per rank.
 
-VQA accuracy follows the official VQAv2 evaluation (GT-Vision-Lab/VQA, ``vqaEval.py``): answers are
-normalised (punctuation, number words, articles, contractions) and a prediction scores
-min(#matching humans / 3, 1) averaged over the 10 leave-one-out subsets of the 10 human answers.
+VQA accuracy follows the official VQAv2 evaluation as it stands (GT-Vision-Lab/VQA,
+``PythonEvaluationTools/vqaEvaluation/vqaEval.py``): the prediction is normalised (punctuation, number
+words, articles, contractions), the human answers get the punctuation step only and only when they
+disagree, and a prediction scores min(#matching humans / 3, 1) averaged over the 10 leave-one-out
+subsets of the 10 human answers.
 
 FID (Heusel et al. 2017) and CLIP score (Hessel et al. 2021) go through torchmetrics with weights
-from local paths only: nothing is downloaded.
+from local paths only: nothing is downloaded. FID from a weights file runs torch-fidelity's
+InceptionV3 (the ``fid`` extra).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import pickle
 import re
 import subprocess
 import tempfile
@@ -46,6 +50,7 @@ __all__ = [
     "vqa_accuracy",
     "vqa_scores",
     "fid_score",
+    "require_torch_fidelity",
     "clip_score",
     "spice_models_available",
     "prewarm_meteor",
@@ -408,45 +413,50 @@ def caption_scores(
 # VQAv2 accuracy
 # ----------------------------------------------------------------------------------------------------
 
-# The official table, quirks included: most right-hand sides use the typographic apostrophe, and the
-# capitalised keys ("Im", "Ive", ...) can never match because words are lower-cased first.
+# The tables of the official evaluation as it stands (GT-Vision-Lab/VQA,
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py), which LAVIS and LLaVA's VQAv2 scripts copy. The
+# contractions use the ASCII apostrophe (the 2015 beta used the typographic one); the capitalised
+# keys ("Im", "Ive", ...) can never match because words are lower-cased first.
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn’t’ve", "couldnt’ve": "couldn’t’ve", "didnt": "didn’t", "doesnt": "doesn’t",
-    "dont": "don’t", "hadnt": "hadn’t", "hadnt’ve": "hadn’t’ve", "hadn'tve": "hadn’t’ve",
-    "hasnt": "hasn’t", "havent": "haven’t", "hed": "he’d", "hed’ve": "he’d’ve", "he’dve": "he’d’ve",
-    "hes": "he’s", "howd": "how’d", "howll": "how’ll", "hows": "how’s", "Id’ve": "I’d’ve",
-    "I’dve": "I’d’ve", "Im": "I’m", "Ive": "I’ve", "isnt": "isn’t", "itd": "it’d", "itd’ve": "it’d’ve",
-    "it’dve": "it’d’ve", "itll": "it’ll", "let’s": "let’s", "maam": "ma’am", "mightnt": "mightn’t",
-    "mightnt’ve": "mightn’t’ve", "mightn’tve": "mightn’t’ve", "mightve": "might’ve", "mustnt": "mustn’t",
-    "mustve": "must’ve", "neednt": "needn’t", "notve": "not’ve", "oclock": "o’clock", "oughtnt": "oughtn’t",
-    "ow’s’at": "’ow’s’at", "’ows’at": "’ow’s’at", "’ow’sat": "’ow’s’at", "shant": "shan’t",
-    "shed’ve": "she’d’ve", "she’dve": "she’d’ve", "she’s": "she’s", "shouldve": "should’ve",
-    "shouldnt": "shouldn’t", "shouldnt’ve": "shouldn’t’ve", "shouldn’tve": "shouldn’t’ve",
-    "somebody’d": "somebodyd", "somebodyd’ve": "somebody’d’ve", "somebody’dve": "somebody’d’ve",
-    "somebodyll": "somebody’ll", "somebodys": "somebody’s", "someoned": "someone’d",
-    "someoned’ve": "someone’d’ve", "someone’dve": "someone’d’ve", "someonell": "someone’ll",
-    "someones": "someone’s", "somethingd": "something’d", "somethingd’ve": "something’d’ve",
-    "something’dve": "something’d’ve", "somethingll": "something’ll", "thats": "that’s",
-    "thered": "there’d", "thered’ve": "there’d’ve", "there’dve": "there’d’ve", "therere": "there’re",
-    "theres": "there’s", "theyd": "they’d", "theyd’ve": "they’d’ve", "they’dve": "they’d’ve",
-    "theyll": "they’ll", "theyre": "they’re", "theyve": "they’ve", "twas": "’twas", "wasnt": "wasn’t",
-    "wed’ve": "we’d’ve", "we’dve": "we’d’ve", "weve": "we've", "werent": "weren’t", "whatll": "what’ll",
-    "whatre": "what’re", "whats": "what’s", "whatve": "what’ve", "whens": "when’s", "whered": "where’d",
-    "wheres": "where's", "whereve": "where’ve", "whod": "who’d", "whod’ve": "who’d’ve",
-    "who’dve": "who’d’ve", "wholl": "who’ll", "whos": "who’s", "whove": "who've", "whyll": "why’ll",
-    "whyre": "why’re", "whys": "why’s", "wont": "won’t", "wouldve": "would’ve", "wouldnt": "wouldn’t",
-    "wouldnt’ve": "wouldn’t’ve", "wouldn’tve": "wouldn’t’ve", "yall": "y’all", "yall’ll": "y’all’ll",
-    "y’allll": "y’all’ll", "yall’d’ve": "y’all’d’ve", "y’alld’ve": "y’all’d’ve", "y’all’dve": "y’all’d’ve",
-    "youd": "you’d", "youd’ve": "you’d’ve", "you’dve": "you’d’ve", "youll": "you’ll", "youre": "you’re",
-    "youve": "you’ve",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
+    "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
+    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've",
+    "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've",
+    "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't",
+    "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
+    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
 }  # fmt: skip
 _NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }  # fmt: skip
 _ARTICLES = frozenset({"a", "an", "the"})
-_PUNCT = [";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@", "`", ",", "?"]
+# Neither ":" nor "'" is a mark here ("3:00" and "don't" stay as they are).
+_PUNCT = [
+    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
+]  # fmt: skip
 # The official pattern, verbatim in behaviour: "(?!<=\d)" is a (mistyped) lookahead, so in effect a
 # period is removed unless a digit follows it ("2.5" keeps its point).
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
@@ -454,6 +464,7 @@ _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
 def _vqa_punctuation(text: str) -> str:
+    """The official ``processPunctuation``."""
     out = text
     for p in _PUNCT:
         # A mark touching a space (or any "1,000"-style number in the answer) is deleted; one inside a
@@ -467,29 +478,42 @@ def _vqa_punctuation(text: str) -> str:
 
 
 def _vqa_digits_articles(text: str) -> str:
+    """The official ``processDigitArticle``: lower case, number words to digits, no articles,
+    contractions given their apostrophe; words re-joined by single spaces."""
     words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     words = [w for w in words if w not in _ARTICLES]
     return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
 def vqa_normalize(answer: str) -> str:
-    """The VQAv2 answer normalisation: whitespace, punctuation, number words, articles, contractions."""
+    """A predicted answer as the official VQAv2 evaluation normalises it before matching: newlines and
+    tabs to spaces, outer whitespace stripped, punctuation, then number words, articles, contractions.
+    """
     answer = answer.replace("\n", " ").replace("\t", " ").strip()
     return _vqa_digits_articles(_vqa_punctuation(answer))
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2 accuracy of one prediction against the human answers (normally 10).
+    """VQAv2 accuracy of one prediction against the human answers (normally 10), exactly as the
+    official ``VQAEval.evaluate`` scores one question:
 
-    ``mean over i of min(#{j != i : answers[j] == prediction} / 3, 1)``: the official average over the
-    leave-one-out subsets. Unlike the official script, which trusts the annotation file's answers to be
-    normalised already, both sides are normalised here, so raw answers from any source compare fairly
-    (on VQAv2's own annotations the result is the same).
+    - the prediction is normalised in full (:func:`vqa_normalize`);
+    - the human answers are compared as given, except that when they are not all identical each one
+      goes through the punctuation step alone (no lower-casing, number words, articles or
+      contractions): the official code trusts the annotation file's answers to be normalised already;
+    - the score is ``mean over i of min(#{j != i : answers[j] == prediction} / 3, 1)``, the average
+      over the leave-one-out subsets (each answer is left out on its own, as the official answer
+      records are told apart by their ``answer_id`` even when their text repeats).
     """
     if isinstance(answers, str) or len(answers) == 0:
         raise ValueError(f"vqa_accuracy: answers must be a non-empty list of str, got {answers!r}")
+    for k, a in enumerate(answers):
+        if not isinstance(a, str):
+            raise ValueError(f"vqa_accuracy: answers[{k}] must be a str, got {type(a).__name__}: {a!r}")
+    if not isinstance(prediction, str):
+        raise ValueError(f"vqa_accuracy: prediction must be a str, got {type(prediction).__name__}")
     pred = vqa_normalize(prediction)
-    gts = [vqa_normalize(a) for a in answers]
+    gts = [_vqa_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
     matches = sum(g == pred for g in gts)
     # Leaving out answer i removes one match exactly when answer i itself matches.
     accs = [min(1.0, (matches - (g == pred)) / 3.0) for g in gts]
@@ -499,7 +523,8 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
 def vqa_scores(
     predictions: Mapping[Hashable, str], answers_by_id: Mapping[Hashable, Sequence[str]]
 ) -> dict[str, float]:
-    """Mean VQAv2 accuracy over question ids: ``{"accuracy": float in [0, 1]}``."""
+    """Mean VQAv2 accuracy over question ids: ``{"accuracy": float in [0, 1]}`` (the official
+    ``overall`` is 100 times this, rounded to 2 decimals)."""
     missing_pred = [i for i in answers_by_id if i not in predictions]
     missing_ans = [i for i in predictions if i not in answers_by_id]
     if missing_pred or missing_ans:
@@ -553,36 +578,92 @@ def _require_path(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+_FID_EXTRA = "pip install -e '.[fid]' (torch-fidelity, with a torchvision built for the installed torch)"
+
+
+def _torchmetrics_fid():
+    """torchmetrics' ``FrechetInceptionDistance``, with a clear error when its image stack cannot load.
+
+    torchmetrics imports torch-fidelity's InceptionV3 whenever torch-fidelity is installed, and
+    torch-fidelity imports torchvision: a torchvision built for another torch (e.g. a CUDA wheel beside
+    a CPU-only torch) fails there with "operator torchvision::nms does not exist".
+    """
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except (ImportError, RuntimeError) as e:
+        raise ImportError(
+            f"fid_score: torchmetrics' FID does not import ({type(e).__name__}: {e}); torch-fidelity and "
+            f"torchvision must match the installed torch ({torch.__version__}): {_FID_EXTRA}"
+        ) from e
+    return FrechetInceptionDistance
+
+
+def require_torch_fidelity() -> None:
+    """Fail early, naming the extra to install, when torch-fidelity's InceptionV3 cannot be imported."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # noqa: F401
+    except (ImportError, RuntimeError) as e:
+        raise ImportError(
+            f"FID from an Inception weights file needs torch-fidelity's InceptionV3 ({type(e).__name__}: "
+            f"{e}): {_FID_EXTRA}, or pass fid_score a feature extractor module"
+        ) from e
+
+
 def fid_score(
     real_images: ImageBatch,
     fake_images: ImageBatch,
     inception_path: str | os.PathLike | torch.nn.Module,
     *,
     batch_size: int = 50,
+    antialias: bool = True,
 ) -> float:
-    """Fréchet Inception Distance between two image sets, through torchmetrics.
+    """Fréchet Inception Distance (Heusel et al. 2017, eq. 6) between two image sets, through
+    torchmetrics' ``FrechetInceptionDistance`` (statistics accumulated in float64).
 
     ``inception_path`` is either the feature extractor itself (an ``nn.Module`` mapping uint8
-    (N, 3, H, W) images to (N, D) features) or the path of torch-fidelity's Inception weights
-    (``weights-inception-2015-12-05-6726825d.pth``, 2048-d pool features; needs torch-fidelity).
+    (N, 3, H, W) images to (N, D) features) or the path of a state dict for torch-fidelity's
+    ``FeatureExtractorInceptionV3`` (the FID network ported from TensorFlow, e.g.
+    ``weights-inception-2015-12-05-6726825d.pth``; 2048-d pool features; needs the ``fid`` extra).
+    With a weights file, images are resized to 299x299 inside the network: bilinear with antialiasing
+    (``antialias=True``, torchmetrics' default) or TensorFlow 1.x's bilinear resize as in torch-fidelity
+    and the original FID code (``antialias=False``); the two give different values unless the images
+    are 299x299 already.
     Images: uint8 (N, 3, H, W) tensors, floats in [0, 1], or lists of PIL images.
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     real = _to_uint8(real_images, "real_images")
     fake = _to_uint8(fake_images, "fake_images")
+    for name, x in (("real_images", real), ("fake_images", fake)):
+        if len(x) < 2:
+            raise ValueError(f"fid_score: {name} holds {len(x)} image(s); a covariance needs at least 2")
     if isinstance(inception_path, torch.nn.Module):
+        FrechetInceptionDistance = _torchmetrics_fid()
         fid = FrechetInceptionDistance(feature=inception_path.eval(), input_img_size=tuple(real.shape[1:]))
     else:
         weights = _require_path(inception_path, "Inception weights")
+        if weights.is_dir():
+            raise ValueError(f"Inception weights {weights}: expected a state dict file, got a folder")
+        # torch-fidelity reads the file with weights_only=False (full unpickling): accept only a file
+        # that loads as plain tensors.
         try:
-            import torch_fidelity  # noqa: F401
-        except ImportError as e:
-            raise ImportError(
-                f"fid_score with weights file {weights} needs torch-fidelity's InceptionV3; install "
-                "torch-fidelity or pass the feature extractor as an nn.Module"
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(
+                f"Inception weights {weights}: not a state dict of tensors ({type(e).__name__}: {str(e)[:300]})"
             ) from e
-        fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights))
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"Inception weights {weights}: expected a state dict (name -> tensor)")
+        del state
+        require_torch_fidelity()
+        FrechetInceptionDistance = _torchmetrics_fid()
+        try:
+            fid = FrechetInceptionDistance(
+                feature=2048, feature_extractor_weights_path=str(weights), antialias=antialias
+            )
+        except (RuntimeError, KeyError, AttributeError, TypeError, pickle.UnpicklingError) as e:
+            raise ValueError(
+                f"Inception weights {weights}: not a state dict of torch-fidelity's "
+                f"FeatureExtractorInceptionV3 ({type(e).__name__}: {str(e)[:300]})"
+            ) from e
     with torch.no_grad():
         for start in range(0, len(real), batch_size):
             fid.update(real[start : start + batch_size], real=True)

@@ -1,5 +1,6 @@
 """Metrics against their references: pycocoevalcap run directly, nlg-eval's published corpus values,
-hand-checked VQAv2 cases, and FID / CLIP score recomputed from the same features."""
+and FID / CLIP score recomputed from the same features (VQAv2: tests/test_vqa_accuracy.py; FID through
+torch-fidelity's InceptionV3: tests/test_fid.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,6 @@ from easygen.metrics import (
     fid_score,
     prewarm_meteor,
     spice_models_available,
-    vqa_accuracy,
-    vqa_normalize,
-    vqa_scores,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,54 +111,7 @@ def test_spice_never_downloads():
         caption_scores({"a": "a dog"}, {"a": ["a dog"]}, spice=True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# VQAv2
-# ----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "raw, normalised",
-    [
-        ("  Yes\n", "yes"),  # whitespace and case
-        ("yes.", "yes"),  # a period not followed by a digit goes
-        ("2.5", "2.5"),  # ... one followed by a digit stays
-        ("two", "2"),  # number words
-        ("none", "0"),
-        ("a dog", "dog"),  # articles
-        ("the red bus", "red bus"),
-        ("black/white", "black white"),  # a mark inside a word becomes a space
-        ("black / white", "black white"),  # one touching a space disappears
-        ("1,000", "1000"),  # digit-comma-digit anywhere: every mark is deleted
-        ("dont", "don’t"),  # contractions (the official table's typographic apostrophe)
-        ("isnt", "isn’t"),
-        ("don't", "don t"),  # an ASCII apostrophe inside a word is punctuation first
-        ("what's that?", "what s that"),
-    ],
-)
-def test_vqa_normalize(raw, normalised):
-    assert vqa_normalize(raw) == normalised
-
-
-def test_vqa_accuracy_leave_one_out():
-    # With k matching humans out of 10: the 10 leave-one-out subsets hold k-1 matches (k of them) or k.
-    assert vqa_accuracy("cat", ["dog"] * 10) == 0.0
-    assert vqa_accuracy("cat", ["cat"] + ["dog"] * 9) == pytest.approx((1 * 0 + 9 * (1 / 3)) / 10)
-    assert vqa_accuracy("cat", ["cat"] * 2 + ["dog"] * 8) == pytest.approx(0.6)  # (2/3 + 8*2/3)/10
-    assert vqa_accuracy("cat", ["cat"] * 3 + ["dog"] * 7) == pytest.approx(0.9)  # (3*2/3 + 7)/10
-    assert vqa_accuracy("cat", ["cat"] * 4 + ["dog"] * 6) == 1.0
-    # Normalisation applies to both sides.
-    assert vqa_accuracy("Two.", ["2"] * 10) == 1.0
-    assert vqa_accuracy("the cat", ["a cat"] * 3 + ["dog"] * 7) == pytest.approx(0.9)
-
-
-def test_vqa_scores():
-    preds = {1: "yes", 2: "two", 3: "blue"}
-    answers = {1: ["yes"] * 10, 2: ["2"] * 2 + ["3"] * 8, 3: ["red"] * 10}
-    assert vqa_scores(preds, answers)["accuracy"] == pytest.approx((1.0 + 0.6 + 0.0) / 3)
-    with pytest.raises(ValueError, match=r"without a prediction: \[3\]"):
-        vqa_scores({1: "yes", 2: "2"}, answers)
-    with pytest.raises(ValueError, match="non-empty list"):
-        vqa_accuracy("yes", [])
+# VQAv2 accuracy: tests/test_vqa_accuracy.py
 
 
 # ----------------------------------------------------------------------------------------------------
