@@ -1,23 +1,33 @@
-"""Converters from the public dataset formats to EasyGen WebDataset shards (SPEC §7).
+"""Converters from the public dataset formats to EasyGen WebDataset shards.
 
-    python -m data_modules.convert FORMAT --input FILE --images DIR --out OUT \\
-        [--annotations FILE] [--shard-size N] [--workers N] [--resize N]
+    python -m data_modules.convert FORMAT --input FILE [--images DIR] --out OUT \\
+        [--annotations FILE] [--shard-size N] [--workers N] [--resize N] [--split NAME]
 
-FORMAT is one of:
-  coco-karpathy  dataset_coco.json of Karpathy's splits (``images[].{filepath, filename,
-                 sentences[].raw, split, cocoid}``; ``restval`` joins train) -> caption samples
-  llava          LLaVA instruct json (``[{id, image?, conversations: [{from, value}]}]``)
-                 -> conversation samples, ``<image>`` marker kept
-  vqav2          VQAv2 questions json (``--input``) + annotations json (``--annotations``, all ten
-                 answers kept) -> vqa samples; images ``COCO_<subtype>_%012d.jpg`` or ``%012d.jpg``
-  captions       jsonl of ``{image, captions, split?}`` (image relative to --images or absolute)
+Record formats (one example record each):
 
-Writes ``OUT/<split>/shard-%06d.tar`` and ``OUT/manifest.json`` (samples per split and per shard,
-the source, every skipped record with its reason). A JPEG or PNG is copied byte for byte unless
-``--resize`` asks for a smaller one; other formats are re-encoded as JPEG. A record whose image is
-missing or unreadable, whose caption is empty or whose conversation is malformed is skipped and
-listed; a sample is only written once all its members are ready, and each shard is written to a
-temporary name and renamed when complete.
+  captions       a .jsonl file, one json object a line; "image" is relative to --images (or absolute),
+                 "captions" is a non-empty list of strings, "split" (optional, default --split or train)
+                   {"image": "cat.jpg", "captions": ["a cat on a mat", "a sleeping cat"], "split": "train"}
+                 other fields (e.g. "id") travel with the sample.
+  coco-karpathy  Karpathy's dataset_coco.json: {"images": [{"filepath": "val2014",
+                   "filename": "COCO_val2014_000000000042.jpg", "cocoid": 42, "split": "test",
+                   "sentences": [{"raw": "A cat on a mat."}, ...]}, ...]}; "restval" joins train
+  llava          LLaVA instruct json: [{"id": "42", "image": "COCO_train2014_000000000042.jpg",
+                   "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                                     {"from": "gpt", "value": "A cat."}]}, ...]
+                 turns alternate human/gpt, exactly one <image> marker when "image" is given
+  vqav2          VQAv2 questions json (--input): {"data_subtype": "val2014", "questions": [{"image_id": 42,
+                   "question": "What color is the cat?", "question_id": 42000}, ...]}
+                 + annotations json (--annotations, optional): {"annotations": [{"question_id": 42000,
+                   "answers": [{"answer": "black"}, ... ten answers]}, ...]};
+                 images COCO_<subtype>_%012d.jpg or %012d.jpg in --images
+
+Writes OUT/<split>/shard-%06d.tar and OUT/manifest.json (samples per split and per shard, the source,
+every skipped record with its reason). A JPEG or PNG is copied byte for byte unless --resize asks for a
+smaller one; other formats are re-encoded as JPEG. A record whose image is missing or unreadable, whose
+caption is empty or whose conversation is malformed is skipped; the reasons are printed (counted by kind,
+the first few records by line or position) and listed in manifest.json. Exit status: 0 when samples were
+written, 1 when no record was usable, 2 when an input file or folder is missing or unreadable.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ class Record:
     image: Path | None = None
     image_candidates: list[Path] = field(default_factory=list)
     error: str | None = None  # known-bad before reading the image
+    where: str = ""  # "line 3" / "images[4]": where the record sits in the source file, for messages
 
 
 @dataclass
@@ -62,6 +73,7 @@ class Prepared:
     split: str
     members: dict[str, bytes] | None
     error: str | None
+    where: str = ""
 
 
 def sanitize_key(text: str) -> str:
@@ -71,6 +83,8 @@ def sanitize_key(text: str) -> str:
 
 
 def _check_captions(captions: Any) -> str | None:
+    if isinstance(captions, str):
+        return "'captions' must be a list of strings, found one string (write [\"...\"])"
     if not isinstance(captions, list) or not captions:
         return "empty caption list"
     for i, caption in enumerate(captions):
@@ -137,7 +151,9 @@ def records_coco_karpathy(input: str, images: str, **_: Any) -> Iterator[Record]
     keys = _KeyMaker()
     for i, entry in enumerate(data["images"]):
         if not isinstance(entry, dict) or "filename" not in entry or "split" not in entry:
-            yield Record(i, f"record{i}", "train", {}, error="record lacks 'filename' or 'split'")
+            yield Record(
+                i, f"record{i}", "train", {}, error="record lacks 'filename' or 'split'", where=f"images[{i}]"
+            )
             continue
         cocoid = entry.get("cocoid", entry.get("imgid", Path(entry["filename"]).stem))
         split = "train" if entry["split"] == "restval" else str(entry["split"])
@@ -146,7 +162,7 @@ def records_coco_karpathy(input: str, images: str, **_: Any) -> Iterator[Record]
         meta = {"id": str(cocoid), "kind": "caption", "captions": captions, "cocoid": cocoid, "split": split}
         meta["filename"] = entry["filename"]
         path = Path(images) / entry.get("filepath", "") / entry["filename"]
-        yield Record(i, key, split, meta, image=path, error=_check_captions(captions))
+        yield Record(i, key, split, meta, image=path, error=_check_captions(captions), where=f"images[{i}]")
 
 
 def records_llava(input: str, images: str | None, split: str = "train", **_: Any) -> Iterator[Record]:
@@ -158,7 +174,7 @@ def records_llava(input: str, images: str | None, split: str = "train", **_: Any
     keys = _KeyMaker()
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
-            yield Record(i, f"record{i}", split, {}, error="record is not an object")
+            yield Record(i, f"record{i}", split, {}, error="record is not an object", where=f"record {i}")
             continue
         source_id = str(entry.get("id", i))
         key = keys(f"llava_{source_id}")
@@ -174,9 +190,8 @@ def records_llava(input: str, images: str | None, split: str = "train", **_: Any
         if has_image:
             meta["image_file"] = entry["image"]
             path = Path(entry["image"]) if images is None else Path(images) / entry["image"]
-        yield Record(
-            i, key, split, meta, image=path, error=_check_conversation(entry.get("conversations"), has_image)
-        )
+        error = _check_conversation(entry.get("conversations"), has_image)
+        yield Record(i, key, split, meta, image=path, error=error, where=f"record {i} (id {source_id})")
 
 
 def records_vqav2(
@@ -205,7 +220,12 @@ def records_vqav2(
     for i, q in enumerate(questions["questions"]):
         if not isinstance(q, dict) or not {"question", "question_id", "image_id"} <= q.keys():
             yield Record(
-                i, f"record{i}", split, {}, error="question lacks 'question', 'question_id' or 'image_id'"
+                i,
+                f"record{i}",
+                split,
+                {},
+                error="question lacks 'question', 'question_id' or 'image_id'",
+                where=f"questions[{i}]",
             )
             continue
         qid, image_id = q["question_id"], q["image_id"]
@@ -236,7 +256,9 @@ def records_vqav2(
             Path(images) / f"COCO_{image_subtype}_{int(image_id):012d}.jpg",
             Path(images) / f"{int(image_id):012d}.jpg",
         ]
-        yield Record(i, key, split, meta, image_candidates=candidates, error=error)
+        yield Record(
+            i, key, split, meta, image_candidates=candidates, error=error, where=f"questions[{i}] (id {qid})"
+        )
 
 
 _RESERVED = {"id", "kind", "captions", "split", "image"}
@@ -251,13 +273,14 @@ def records_captions(input: str, images: str | None, split: str = "train", **_: 
     for i, line in enumerate(lines):
         if not line.strip():
             continue
+        where = f"line {i + 1}"
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield Record(i, f"line{i + 1}", split, {}, error=f"line {i + 1} is not valid json: {exc}")
+            yield Record(i, f"line{i + 1}", split, {}, error=f"not valid json: {exc}", where=where)
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-            yield Record(i, f"line{i + 1}", split, {}, error=f"line {i + 1} lacks a string 'image'")
+            yield Record(i, f"line{i + 1}", split, {}, error="no string 'image' field", where=where)
             continue
         image = Path(entry["image"])
         if not image.is_absolute() and images is not None:
@@ -272,7 +295,13 @@ def records_captions(input: str, images: str | None, split: str = "train", **_: 
         }
         # Extra fields (e.g. the synthetic set's attributes) travel with the sample.
         meta.update({k: v for k, v in entry.items() if k not in _RESERVED})
-        yield Record(i, key, record_split, meta, image=image, error=_check_captions(entry.get("captions")))
+        if "captions" not in entry:
+            near = [k for k in ("caption", "text", "sentences", "raw") if k in entry]
+            hint = f" (found {near[0]!r}; the field is 'captions', a list of strings)" if near else ""
+            error = f"no 'captions' field{hint}"
+        else:
+            error = _check_captions(entry["captions"])
+        yield Record(i, key, record_split, meta, image=image, error=error, where=where)
 
 
 READERS: dict[str, Callable[..., Iterator[Record]]] = {
@@ -316,25 +345,48 @@ def _init_worker(resize: int | None) -> None:
 
 
 def _prepare(record: Record) -> Prepared:
+    def skip(reason: str) -> Prepared:
+        return Prepared(record.index, record.key, record.split, None, reason, record.where)
+
     if record.error is not None:
-        return Prepared(record.index, record.key, record.split, None, record.error)
+        return skip(record.error)
     members: dict[str, bytes] = {}
     path = record.image
     if path is None and record.image_candidates:
         path = next((p for p in record.image_candidates if p.is_file()), None)
         if path is None:
-            names = " or ".join(str(p) for p in record.image_candidates)
-            return Prepared(record.index, record.key, record.split, None, f"missing image {names}")
+            return skip("missing image " + " or ".join(str(p) for p in record.image_candidates))
     if path is not None:
         if not path.is_file():
-            return Prepared(record.index, record.key, record.split, None, f"missing image {path}")
+            return skip(f"missing image {path}")
         try:
             ext, data = _encode_image(path, _RESIZE)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            return Prepared(record.index, record.key, record.split, None, f"unreadable image {path}: {exc}")
+            return skip(f"unreadable image {path}: {exc}")
         members[ext] = data
     members["json"] = json.dumps(record.meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
-    return Prepared(record.index, record.key, record.split, members, None)
+    return Prepared(record.index, record.key, record.split, members, None, record.where)
+
+
+# the kind of a skip reason, for the printed summary (the manifest keeps every full reason)
+_KINDS = (
+    (re.compile(r"^missing image"), "missing image"),
+    (re.compile(r"^unreadable image"), "unreadable image"),
+    (re.compile(r"^not valid json"), "not valid json"),
+    (re.compile(r"^empty caption at index"), "empty caption"),
+    (re.compile(r"^no 'captions' field \(found '(\w+)'"), r"no 'captions' field (found '\1' instead)"),
+    (re.compile(r"^malformed conversation"), "malformed conversation"),
+    (re.compile(r"^no annotation for question_id"), "no annotation for the question"),
+    (re.compile(r"^expected 10 string answers"), "not 10 string answers"),
+)
+
+
+def reason_kind(reason: str) -> str:
+    for pattern, kind in _KINDS:
+        m = pattern.match(reason)
+        if m:
+            return m.expand(kind)
+    return reason
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,6 +455,17 @@ def convert(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if format in ("coco-karpathy", "vqav2") and images is None:
         raise ValueError(f"format {format!r} needs --images (the folder of the COCO images)")
+    for what, path in (("input file", input), ("annotations file", annotations)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(
+                f"{what} {path} does not exist" if not Path(path).exists() else f"{what} {path} is not a file"
+            )
+    if images is not None and not Path(images).is_dir():
+        raise FileNotFoundError(
+            f"images folder {images} does not exist"
+            if not Path(images).exists()
+            else f"--images {images} is not a folder"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"input": str(input), "images": None if images is None else str(images)}
@@ -424,7 +487,15 @@ def convert(
     try:
         for prepared in tqdm(results, total=len(records), desc=f"convert {format}", disable=not progress):
             if prepared.members is None:
-                skipped.append({"record": prepared.index, "key": prepared.key, "reason": prepared.error})
+                skipped.append(
+                    {
+                        "record": prepared.index,
+                        "where": prepared.where,
+                        "key": prepared.key,
+                        "kind": reason_kind(prepared.error),
+                        "reason": prepared.error,
+                    }
+                )
                 continue
             if prepared.split not in writers:
                 writers[prepared.split] = _SplitWriter(out, prepared.split, shard_size)
@@ -459,9 +530,33 @@ def convert(
     return manifest
 
 
+def skip_summary(manifest: dict[str, Any], first: int = 5) -> list[str]:
+    """Printed lines for the skipped records: counts by kind, then the first few with where they sit."""
+    skipped = manifest["skipped"]
+    if not skipped:
+        return []
+    kinds: dict[str, int] = {}
+    for s in skipped:
+        kind = s.get("kind") or reason_kind(s["reason"])
+        kinds[kind] = kinds.get(kind, 0) + 1
+    lines = [f"skipped {len(skipped)} of {manifest['records']} records:"]
+    lines += [f"  {n} x {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines.append("first skipped:")
+    for s in skipped[:first]:
+        lines.append(f"  {s.get('where') or 'record ' + str(s['record'])}: {s['reason']}")
+    if len(skipped) > first:
+        lines.append(f"  ... ({len(skipped) - first} more in manifest.json)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command line; exits 2 on a missing/unreadable input, 1 when no record was usable."""
+    import sys
+
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m data_modules.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("format", choices=FORMATS)
     parser.add_argument("--input", required=True, help="the source json/jsonl file")
@@ -475,19 +570,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--resize", type=int, default=None, help="downscale so the shorter side is at most N")
     parser.add_argument("--split", default=None, help="split name for formats without one")
     args = parser.parse_args(argv)
-    manifest = convert(
-        args.format,
-        input=args.input,
-        out=args.out,
-        images=args.images,
-        annotations=args.annotations,
-        shard_size=args.shard_size,
-        workers=args.workers,
-        resize=args.resize,
-        split=args.split,
-    )
+    try:
+        manifest = convert(
+            args.format,
+            input=args.input,
+            out=args.out,
+            images=args.images,
+            annotations=args.annotations,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            resize=args.resize,
+            split=args.split,
+        )
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
     counts = ", ".join(f"{name} {s['samples']}" for name, s in manifest["splits"].items())
-    print(f"wrote {manifest['samples']} samples ({counts}) to {args.out}; skipped {len(manifest['skipped'])}")
+    print(
+        f"wrote {manifest['samples']} samples{f' ({counts})' if counts else ''} to {args.out}; "
+        f"skipped {len(manifest['skipped'])}"
+    )
+    for line in skip_summary(manifest):
+        print(line)
+    if manifest["records"] == 0:
+        sys.stderr.write(f"error: {args.input} holds no records (see --help for the {args.format} format)\n")
+        raise SystemExit(1)
+    if manifest["samples"] == 0:
+        sys.stderr.write(
+            f"error: none of the {manifest['records']} records of {args.input} was usable "
+            f"(reasons above; see --help for the {args.format} format)\n"
+        )
+        raise SystemExit(1)
     return manifest
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 
 def load_image(data: bytes, size: int) -> torch.Tensor:
@@ -29,9 +29,30 @@ def load_image(data: bytes, size: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div_(255.0)
 
 
+class ImageFileError(ValueError):
+    """A file that is not a picture PIL can decode (or is cut short); the message names the file."""
+
+
 def load_image_file(path: str | Path, size: int) -> torch.Tensor:
-    """An image file -> float [3, size, size] in [0, 1]; a missing file is an error naming it."""
+    """An image file -> float [3, size, size] in [0, 1]. A missing file is a `FileNotFoundError`, a file that
+    does not decode (not a picture, truncated, unreadable) an `ImageFileError`; both messages name the file."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"image not found: {p}")
-    return load_image(p.read_bytes(), size)
+    if not p.is_file():
+        raise ImageFileError(f"{p} is not a picture: it is a folder")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ImageFileError(f"{p} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return load_image(data, size)
+    except UnidentifiedImageError:
+        raise ImageFileError(
+            f"{p} is not a picture PIL can read (not an image file, or an unknown format)"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageFileError(f"{p} is too large to decode: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        # PIL reports a file cut short as OSError("image file is truncated ...") / "Truncated File Read"
+        raise ImageFileError(f"{p} is a damaged or truncated picture ({exc})") from None

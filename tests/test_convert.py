@@ -377,3 +377,144 @@ def test_synthetic_default_split_sizes(tmp_path: Path):
     from data_modules.synthetic import split_counts
 
     assert split_counts(640) == {"train": 512, "val": 64, "test": 64}
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line on what users get wrong: one line (no traceback), reasons printed, exit status
+
+
+def _cli(*args: str):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.run(
+        [sys.executable, "-m", "data_modules.convert", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_help_shows_record_formats_and_cites_no_local_document():
+    r = _cli("--help")
+    assert r.returncode == 0
+    assert "SPEC" not in r.stdout
+    assert "usage: python -m data_modules.convert" in r.stdout
+    # an example record of each format
+    assert '{"image": "cat.jpg", "captions": ["a cat on a mat"' in r.stdout
+    assert '"conversations": [{"from": "human"' in r.stdout
+    assert '"question_id": 42000' in r.stdout and '"sentences": [{"raw":' in r.stdout
+
+
+def test_cli_caption_instead_of_captions_prints_reasons_and_fails(tmp_path: Path):
+    for name in "abcdef":
+        _write(tmp_path / "img" / f"{name}.jpg", _image_bytes("JPEG"))
+    lines = [json.dumps({"image": f"{n}.jpg", "caption": "a red thing"}) for n in "abcdef"]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    r = _cli(
+        "captions",
+        "--input",
+        str(tmp_path / "c.jsonl"),
+        "--images",
+        str(tmp_path / "img"),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert "6 x no 'captions' field (found 'caption' instead)" in r.stdout
+    assert (
+        "line 1: no 'captions' field (found 'caption'; the field is 'captions', a list of strings)"
+        in r.stdout
+    )
+    assert "line 5:" in r.stdout and "line 6:" not in r.stdout and "1 more in manifest.json" in r.stdout
+    assert "error: none of the 6 records" in r.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["where"] for s in manifest["skipped"]] == [f"line {i}" for i in range(1, 7)]
+
+
+def test_cli_mixed_reasons_counted_by_kind_and_exit_zero_when_some_written(tmp_path: Path):
+    _write(tmp_path / "img" / "a.jpg", _image_bytes("JPEG"))
+    lines = [
+        json.dumps({"image": "a.jpg", "captions": ["fine"]}),
+        json.dumps({"image": "gone1.jpg", "captions": ["x"]}),
+        "",
+        json.dumps({"image": "gone2.jpg", "captions": ["y"]}),
+        "{oops",
+        json.dumps({"image": "a.jpg", "captions": "one string"}),
+    ]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
+    r = _cli(
+        "captions",
+        "--input",
+        str(tmp_path / "c.jsonl"),
+        "--images",
+        str(tmp_path / "img"),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "wrote 1 samples (train 1)" in r.stdout and "skipped 4 of 5 records:" in r.stdout
+    assert "  2 x missing image" in r.stdout and "  1 x not valid json" in r.stdout
+    assert f"line 2: missing image {tmp_path / 'img' / 'gone1.jpg'}" in r.stdout
+    assert "line 4: missing image" in r.stdout and "line 5: not valid json" in r.stdout
+    assert "line 6: 'captions' must be a list of strings, found one string" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["captions", "--input", "{tmp}/nope.jsonl"], "error: input file {tmp}/nope.jsonl does not exist"),
+        (
+            ["captions", "--input", "{tmp}/c.jsonl", "--images", "{tmp}/noimg"],
+            "error: images folder {tmp}/noimg does not exist",
+        ),
+        (
+            ["coco-karpathy", "--input", "{tmp}/dataset_coco.json", "--images", "{tmp}/img"],
+            "error: input file {tmp}/dataset_coco.json does not exist",
+        ),
+        (["coco-karpathy", "--input", "{tmp}/c.jsonl"], "error: format 'coco-karpathy' needs --images"),
+        (
+            ["llava", "--input", "{tmp}/llava.json", "--images", "{tmp}/coco"],
+            "error: images folder {tmp}/coco does not exist",
+        ),
+        (
+            ["llava", "--input", "{tmp}/c.jsonl"],
+            "error: {tmp}/c.jsonl: expected a list of {{id, image, conversations}}",
+        ),
+        (
+            ["vqav2", "--input", "{tmp}/q.json", "--images", "{tmp}/img"],
+            "error: input file {tmp}/q.json does not",
+        ),
+        (
+            ["vqav2", "--input", "{tmp}/c.jsonl", "--images", "{tmp}/img", "--annotations", "{tmp}/a.json"],
+            "error: annotations file {tmp}/a.json does not exist",
+        ),
+    ],
+)
+def test_cli_missing_inputs_one_line(tmp_path: Path, capsys, args, message):
+    """In-process `main()` (the module's entry point) for each case; the subprocess test below checks one."""
+    _write(tmp_path / "img" / "a.jpg", _image_bytes("JPEG"))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "a.jpg", "captions": ["x"]}) + "\n")
+    (tmp_path / "llava.json").write_text("[]")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*[a.format(tmp=tmp_path) for a in args], "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.format(tmp=tmp_path)) and err.count("\n") == 1, err
+
+
+def test_cli_missing_input_subprocess_no_traceback(tmp_path: Path):
+    r = _cli(
+        "vqav2", "--input", str(tmp_path / "q.json"), "--images", str(tmp_path), "--out", str(tmp_path / "o")
+    )
+    assert r.returncode == 2 and r.stderr == f"error: input file {tmp_path / 'q.json'} does not exist\n"
+
+
+def test_cli_empty_jsonl_fails(tmp_path: Path):
+    (tmp_path / "c.jsonl").write_text("\n\n")
+    r = _cli("captions", "--input", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 1 and f"error: {tmp_path / 'c.jsonl'} holds no records" in r.stderr
