@@ -1,4 +1,4 @@
-"""Chat with pictures (SPEC §4): a conversation about an image, answered by the LLM through the
+"""Chat with pictures: a conversation about an image, answered by the LLM through the
 projector, and pictures drawn by BiDiffuser text-to-image whenever the model answers with
 `<Img>description</Img>`.
 
@@ -16,9 +16,18 @@ from pathlib import Path
 import torch
 
 from easygen.images import load_image_file
-from easygen.templates import IMAGE_MARKER
+from easygen.templates import IMAGE_MARKER, encode, render
 
 IMG_TAG = re.compile(r"<Img>(.+?)</Img>", re.DOTALL)
+
+COMMANDS = (
+    ("/image PATH", "attach a picture to the next question (a new picture starts a new conversation)"),
+    ("/draw PROMPT", "draw a picture from PROMPT with BiDiffuser text-to-image; prints where it is saved"),
+    ("/reset", "forget the conversation and its picture"),
+    ("/help", "list these commands"),
+    ("/quit", "end the chat (so do Ctrl-D and Ctrl-C)"),
+)
+COMMAND_HELP = "\n".join(f"  {name:14s}{what}" for name, what in COMMANDS)
 
 
 class ChatSession:
@@ -49,28 +58,96 @@ class ChatSession:
         self.turns: list[dict] = []
         self.features: torch.Tensor | None = None
         self.n_pictures = 0
+        self.dropped = 0  # exchanges dropped from the front of the history by the last `ask`
 
     def reset(self) -> None:
         self.turns, self.features = [], None
+
+    def prompt_tokens(self, turns: list[dict]) -> int:
+        """Tokens of the generation prompt for `turns` (rendered as the eval collator renders them)."""
+        c = self.collator
+        has_marker = any(IMAGE_MARKER in t["value"] for t in turns)
+        n_img = c.num_image_tokens
+        if has_marker and self.features is not None and c.image_tokens_from_features:
+            n_img = self.features.shape[0]
+        rendered = render(
+            c.template,
+            turns,
+            n_img if has_marker else 0,
+            bos=c.bos,
+            eos=c.eos,
+            prompt_only=True,
+            sample_id="chat",
+        )
+        from transformers.utils import logging as hf_logging
+
+        # a history longer than the tokenizer's model_max_length is expected here (it is trimmed next)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return len(encode(c.tokenizer, rendered, placeholder_id=c.pad_id, sample_id="chat").input_ids)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+    def _fit_history(self) -> int:
+        """Drop the oldest (question, answer) pairs until the prompt fits the collator's max_length; the
+        picture stays (its marker moves to the oldest question kept). Returns the pairs dropped; a question
+        too long to fit alone is a ValueError and leaves the history as it was."""
+        limit = self.collator.max_length
+        turns, dropped = list(self.turns), 0
+        while len(turns) > 1 and self.prompt_tokens(turns) > limit:
+            had_picture = IMAGE_MARKER in turns[0]["value"]
+            del turns[:2]
+            dropped += 1
+            if had_picture:
+                turns[0] = {"from": "human", "value": f"{IMAGE_MARKER} {turns[0]['value']}"}
+        n = self.prompt_tokens(turns)
+        if n > limit:
+            raise ValueError(
+                f"the message is too long: its prompt has {n} tokens > model.max_length={limit} "
+                "(shorten it, or raise model.max_length)"
+            )
+        self.turns[:] = turns
+        return dropped
 
     def ask(
         self,
         text: str,
         image: str | Path | torch.Tensor | None = None,
         on_text: Callable[[str], None] | None = None,
+        on_notice: Callable[[str], None] | None = None,
     ) -> tuple[str, list[Path]]:
+        """Answer `text` (about `image`, a file or a [3, H, W] tensor, when given). `on_text` receives the
+        answer as it streams; `on_notice` a line when older turns were dropped to fit the context."""
         if not text.strip():
             raise ValueError("empty message")
         if image is not None:
+            # decoded first: a bad file leaves the conversation as it was
+            pixels = image if isinstance(image, torch.Tensor) else load_image_file(image, self.image_size)
             if self.features is not None:
                 self.reset()  # one picture per conversation: a new picture starts a new one
-            pixels = image if isinstance(image, torch.Tensor) else load_image_file(image, self.image_size)
             with torch.no_grad():
                 self.features = (
                     self.bidiffuser.i2t_features(pixels[None].to(self.bidiffuser.device))[0].float().cpu()
                 )
             text = f"{IMAGE_MARKER} {text}"
         self.turns.append({"from": "human", "value": text})
+        try:
+            self.dropped = self._fit_history()
+            if self.dropped and on_notice is not None:
+                on_notice(
+                    f"(history trimmed: the {self.dropped} oldest exchange(s) dropped to fit "
+                    f"model.max_length={self.collator.max_length}"
+                    + ("; the picture is kept)" if self.features is not None else ")")
+                )
+            answer = self._answer(on_text)
+        except BaseException:
+            self.turns.pop()  # a failed or interrupted question leaves no trace in the history
+            raise
+        self.turns.append({"from": "gpt", "value": answer})
+        return answer, self.draw(answer)
+
+    def _answer(self, on_text) -> str:
         sample = {
             "id": "chat",
             "kind": "conversation",
@@ -81,7 +158,7 @@ class ChatSession:
         device = next(self.model.parameters()).device
         feats = batch["features"].to(device) if batch["features"] is not None else None
         streamer = _Streamer(self.collator.tokenizer, on_text) if on_text else None
-        answer = self.model.generate(
+        return self.model.generate(
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),
             features=feats,
@@ -90,12 +167,13 @@ class ChatSession:
             streamer=streamer,
             **self.gen,
         )[0]
-        self.turns.append({"from": "gpt", "value": answer})
-        return answer, self.draw(answer)
 
     def draw(self, answer: str) -> list[Path]:
         """Every `<Img>description</Img>` in an answer becomes a picture saved in `out_dir`."""
-        descriptions = [d.strip() for d in IMG_TAG.findall(answer) if d.strip()]
+        return self.draw_prompts([d.strip() for d in IMG_TAG.findall(answer) if d.strip()])
+
+    def draw_prompts(self, descriptions: list[str]) -> list[Path]:
+        """BiDiffuser text-to-image for each description (what `/draw PROMPT` asks for), saved in `out_dir`."""
         if not descriptions:
             return []
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,47 +204,116 @@ class _Streamer:
         self.on_text("\n")
 
 
-def repl(session: ChatSession, stdin=sys.stdin, stdout=sys.stdout, transcript: Path | None = None) -> None:
-    """The terminal loop. `/image PATH` attaches a picture to the next question, `/reset`, `/quit`."""
-    pending_image = None
+class _AnswerPrinter:
+    """Streams an answer after `ASSISTANT: `, written with its first text (notices come before it)."""
+
+    def __init__(self, stdout):
+        self.stdout, self.started = stdout, False
+
+    def __call__(self, text: str) -> None:
+        if not self.started:
+            self.started = True
+            self.stdout.write("ASSISTANT: ")
+        self.stdout.write(text)
+        self.stdout.flush()
+
+
+def repl(
+    session: ChatSession, stdin=sys.stdin, stdout=sys.stdout, transcript: Path | None = None
+) -> list[str]:
+    """The terminal loop; the commands are `COMMANDS`. Returns the errors shown (a bad picture, a message
+    too long, an unknown command); the conversation goes on after each."""
+    from easygen.images import ImageFileError
+
+    pending_image, pending_path = None, None
     log = []
-    stdout.write("EasyGen chat. /image PATH attaches a picture, /reset starts over, /quit ends.\n")
+    errors: list[str] = []
+    say = stdout.write
+
+    def say_error(message: str) -> str:
+        say(f"[error] {message}\n")
+        return message
+
+    say("EasyGen chat. /image PATH attaches a picture, /draw PROMPT draws one, /help lists the commands.\n")
     while True:
-        stdout.write("USER: ")
+        say("USER: ")
         stdout.flush()
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            say("\n(chat ended)\n")
+            break
         if line and not stdin.isatty():
-            stdout.write(line if line.endswith("\n") else line + "\n")  # a script's lines show in the log
+            say(line if line.endswith("\n") else line + "\n")  # a script's lines show in the log
         if not line or line.strip() == "/quit":
-            stdout.write("" if line else "\n")
+            say("\n(chat ended)\n" if not line else "(chat ended)\n")
             break
         line = line.strip()
         if not line:
             continue
-        if line.startswith("/image "):
-            pending_image = line.split(" ", 1)[1].strip()
-            stdout.write(f"(picture {pending_image} attached to the next question)\n")
+        command, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if command == "/help":
+            say("Commands:\n" + COMMAND_HELP + "\nAnything else is a question for the assistant.\n")
             continue
-        if line == "/reset":
+        if command == "/image":
+            if not arg:
+                errors.append(say_error("/image needs a path: /image PATH"))
+                continue
+            try:
+                pending_image = load_image_file(arg, session.image_size)
+            except (FileNotFoundError, ImageFileError) as e:
+                errors.append(say_error(f"{e}; no picture attached"))
+                continue
+            pending_path = arg
+            say(f"(picture {arg} attached to the next question)\n")
+            continue
+        if command == "/reset":
             session.reset()
+            pending_image, pending_path = None, None
+            say("(conversation reset: history and picture forgotten)\n")
             continue
-        stdout.write("ASSISTANT: ")
+        if command == "/draw":
+            if not arg:
+                errors.append(say_error("/draw needs a description: /draw PROMPT"))
+                continue
+            try:
+                pics = session.draw_prompts([arg])
+            except KeyboardInterrupt:
+                say("\n(drawing interrupted)\n")
+                continue
+            for p in pics:
+                say(f"[picture saved to {p}]\n")
+            log.append({"user": line, "draw": arg, "pictures": [str(p) for p in pics]})
+            continue
+        if command.startswith("/") and command[1:].isalpha():
+            errors.append(say_error(f"unknown command {command}; /help lists the commands"))
+            continue
+        stream = _AnswerPrinter(stdout)
         try:
             answer, pics = session.ask(
-                line, image=pending_image, on_text=lambda t: (stdout.write(t), stdout.flush())
+                line, image=pending_image, on_text=stream, on_notice=lambda notice: say(notice + "\n")
             )
-        except (FileNotFoundError, ValueError) as e:
-            stdout.write(f"\n[error] {e}\n")
+        except KeyboardInterrupt:
+            say("\n(answer interrupted)\n")
             continue
-        pending_image = None
+        except (FileNotFoundError, ValueError) as e:
+            say("\n" if stream.started else "")
+            errors.append(say_error(str(e)))
+            continue
+        entry = {"user": line, "assistant": answer, "pictures": [str(p) for p in pics]}
+        if pending_path is not None:
+            entry["image"] = pending_path
+        pending_image, pending_path = None, None
         for p in pics:
-            stdout.write(f"[picture saved to {p}]\n")
-        log.append({"user": line, "assistant": answer, "pictures": [str(p) for p in pics]})
+            say(f"[picture saved to {p}]\n")
+        log.append(entry)
     if transcript is not None:
         import json
 
         transcript.parent.mkdir(parents=True, exist_ok=True)
         transcript.write_text(json.dumps(log, indent=2))
+    return errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,7 +322,12 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import runpy
 
-    parser = argparse.ArgumentParser(prog="python -m easygen.chat", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m easygen.chat",
+        description=__doc__,
+        epilog="Commands at the USER: prompt:\n" + COMMAND_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--prompt", help="one question, answered once (stage.prompt)")
     parser.add_argument("--image", help="a picture for that question (stage.image)")
     parser.add_argument(

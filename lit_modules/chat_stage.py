@@ -1,13 +1,37 @@
 """`stage=chat`: the terminal conversation (or `stage.prompt=... [stage.image=...]` for one answer, or
-`stage.script=FILE` with one user line a row, `/image PATH` lines attaching pictures)."""
+`stage.script=FILE` with one user line a row). Commands at the prompt: `easygen.chat.COMMANDS`
+(`/image PATH`, `/draw PROMPT`, `/reset`, `/help`, `/quit`)."""
 
 from __future__ import annotations
 
 import io
+import logging
 import sys
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("easygen")
+
+_STATS_WARNING = "no fitted statistics in init_from"
+
+
+class _DropStatsWarning(logging.Filter):
+    """Without init_from there are no fitted projector statistics to miss: the untrained-weights warning
+    says what matters, so the standardiser's warning (lit_modules/easygen_module.py) is left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _STATS_WARNING not in record.getMessage()
+
+
+def untrained_warning(plain: dict) -> str:
+    preset = plain["model"]["llm"].get("preset")
+    what = "the LLM and the projector" if preset in ("tiny", "llama7b-random") else "the projector"
+    return (
+        f"stage=chat without init_from: {what} have untrained random weights, so the answers are noise. "
+        "Pass init_from=RUN/easygen/trained.safetensors (or a .ckpt) written by stage=pretrain/instruct, "
+        "or chat with an export: python run.py --config-dir EXPORT +export=easygen stage=chat"
+    )
 
 
 def build_session(cfg):
@@ -25,7 +49,15 @@ def build_session(cfg):
     plain["stage"]["feature_source"] = "on_the_fly"
     torch.manual_seed(int(cfg.seed))
     module = EasyGenModule(plain)
-    module.configure_model()
+    untrained = not plain.get("init_from")
+    drop = _DropStatsWarning()
+    if untrained:
+        log.warning(untrained_warning(plain))
+        log.addFilter(drop)
+    try:
+        module.configure_model()
+    finally:
+        log.removeFilter(drop)
     module.eval()
     s = cfg.stage
     return ChatSession(
@@ -43,12 +75,25 @@ def build_session(cfg):
 
 def chat_stage(cfg) -> dict:
     from easygen.chat import repl
+    from easygen.images import ImageFileError, load_image_file
     from lit_modules.errors import ConfigError
     from lit_modules.runner import output_dir
 
     s = cfg.stage
-    if s.get("image") and not Path(str(s.image)).is_file():
-        raise ConfigError(f"stage.image={s.image} does not exist: set stage.image to a picture file")
+    if s.get("image"):
+        if not s.get("prompt"):
+            raise ConfigError(
+                f"stage.image={s.image} needs stage.prompt (the question about it); in the interactive chat, "
+                "attach a picture with /image PATH"
+            )
+        try:  # decoded before any model is built: a bad file costs no start-up
+            load_image_file(str(s.image), int(cfg.model.image_size))
+        except FileNotFoundError:
+            raise ConfigError(
+                f"stage.image={s.image} does not exist: set stage.image to a picture file"
+            ) from None
+        except ImageFileError as e:
+            raise ConfigError(f"stage.image: {e}") from None
     if s.get("script") and not Path(str(s.script)).is_file():
         raise ConfigError(f"stage.script={s.script} does not exist: set stage.script to a text file")
     session = build_session(cfg)
@@ -60,7 +105,9 @@ def chat_stage(cfg) -> dict:
         stdin = io.StringIO(Path(str(s.script)).read_text())
     else:
         stdin = sys.stdin
-    repl(session, stdin=stdin, stdout=sys.stdout, transcript=transcript)
+    errors = repl(session, stdin=stdin, stdout=sys.stdout, transcript=transcript)
+    if s.get("prompt") and errors:
+        raise ConfigError(f"stage.prompt: {errors[0]}")
     return {
         "global_step": 0,
         "metrics": {},

@@ -247,3 +247,205 @@ def test_chat_session_streams_and_resets(trained):
     assert len(pics) == 1 and pics[0].parent == tmp / "inproc" / "pictures"
     with pytest.raises(ValueError, match="empty"):
         session.ask("  ")
+
+
+# ----------------------------------------------------------------------------------------------------
+# what users do: bad pictures, long conversations, /draw, /help, /reset, Ctrl-C, no init_from.
+# These use untrained tiny weights (no init_from): the answers are noise but long, which is what fills
+# the context by the second turn at the tiny preset's model.max_length=96.
+
+UNTRAINED = ["data.synthetic.n=40", "model.bidiffuser.sampler.steps=2", "logger=none"]
+
+
+def _picture(path, size=64, colour=(220, 30, 30), fmt="PNG"):
+    img = Image.new("RGB", (size, size), (0, 0, 0))
+    img.paste(colour, (8, 24, 24, 40))
+    img.save(path, format=fmt)
+    return path
+
+
+def _chat(tmp, out, *args, run_env, stdin=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, "run.py", "stage=chat", *UNTRAINED, *args, *_paths(tmp, out)],
+        cwd=ROOT,
+        env={**run_env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+    )
+
+
+@pytest.mark.parametrize("what", ["not-a-picture", "truncated-jpeg"])
+def test_one_shot_bad_picture_is_one_line_naming_the_file(tmp_path, run_env, what):
+    if what == "not-a-picture":
+        bad = tmp_path / "passwd"
+        bad.write_text("root:x:0:0:root:/root:/bin/bash\n")
+        why = "is not a picture PIL can read"
+    else:
+        full = _picture(tmp_path / "full.jpg", fmt="JPEG").read_bytes()
+        bad = tmp_path / "cut.jpg"
+        bad.write_bytes(full[: len(full) // 2])
+        why = "is a damaged or truncated picture"
+    r = _chat(tmp_path, tmp_path / "out", f"stage.image={bad}", "stage.prompt=hi", run_env=run_env)
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "Traceback" not in r.stderr and "UnidentifiedImageError" not in r.stderr
+    assert r.stderr.startswith(f"error: stage.image: {bad} {why}") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_scripted_session_commands_bad_picture_and_long_history(tmp_path, run_env):
+    """One script through the real CLI: /help, a bad /image (the chat goes on), a picture and three questions
+    (the third cannot fit with the whole history: older turns are dropped, the picture kept), /draw,
+    /reset, an unknown command; and the untrained-weights warning without the fitted-statistics one."""
+    picture = _picture(tmp_path / "circle.png")
+    out = tmp_path / "session"
+    script = tmp_path / "script.txt"
+    script.write_text(
+        "\n".join(
+            [
+                "/help",
+                "/image /etc/passwd",
+                f"/image {picture}",
+                "Describe the image concisely.",
+                "What colour is the circle?",
+                "Where is it?",
+                "/draw a large blue square at the top",
+                "/reset",
+                "/frobnicate",
+                "Hello again.",
+            ]
+        )
+        + "\n"
+    )
+    r = _chat(tmp_path, out, f"stage.script={script}", run_env=run_env)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+    both = r.stdout + r.stderr
+    assert "Traceback" not in both and "[error] sample chat" not in both
+    assert "Token indices sequence length is longer" not in both  # the trimming measures, quietly
+    # untrained weights are said loudly, once; no warning about fitted statistics nobody asked for
+    assert (
+        both.count("stage=chat without init_from: the LLM and the projector have untrained random weights")
+        == 1
+    )
+    assert "init_from=" in both and "no fitted statistics" not in both
+    for command in ("/image PATH", "/draw PROMPT", "/reset", "/help", "/quit"):
+        assert f"\n  {command}" in r.stdout, command
+    assert "[error] /etc/passwd is not a picture PIL can read" in r.stdout
+    assert f"(picture {picture} attached to the next question)" in r.stdout
+    assert (
+        "(history trimmed: the 1 oldest exchange(s) dropped to fit model.max_length=96; the picture is kept)"
+        in r.stdout
+    )
+    assert "(conversation reset: history and picture forgotten)" in r.stdout
+    assert "[error] unknown command /frobnicate" in r.stdout
+    transcript = json.loads((out / "transcript.json").read_text())
+    assert [t["user"] for t in transcript] == [
+        "Describe the image concisely.",
+        "What colour is the circle?",
+        "Where is it?",
+        "/draw a large blue square at the top",
+        "Hello again.",
+    ]
+    assert transcript[0]["image"] == str(picture)
+    assert all(t["assistant"] for t in transcript if "assistant" in t)
+    (drawn,) = transcript[3]["pictures"]
+    assert drawn == str(out / "pictures" / "picture_001.png") and _png_ok(drawn)
+    assert f"[picture saved to {drawn}]" in r.stdout
+
+
+def test_history_trimming_keeps_the_picture(tmp_path):
+    """In-process: questions about one picture past the context; every prompt fits max_length, the oldest
+    exchanges go, the picture's marker stays on the oldest question kept and its features stay in use."""
+    from easygen.templates import IMAGE_MARKER
+    from lit_modules.chat_stage import build_session
+
+    cfg = compose(
+        [
+            *UNTRAINED,
+            "stage=chat",
+            f"paths.data_dir={tmp_path}/data",
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path}/out",
+            f"paths.work_dir={tmp_path}",
+            f"paths.log_dir={tmp_path}/logs",
+        ]
+    )
+    OmegaConf.resolve(cfg)
+    session = build_session(cfg)
+    limit = session.collator.max_length
+    notices = []
+    session.ask("Describe the image.", image=_picture(tmp_path / "p.png"), on_notice=notices.append)
+    features = session.features
+    for question in ("What colour is it?", "Where is it?", "Is it big?"):
+        session.ask(question, on_notice=notices.append)
+        assert session.prompt_tokens(session.turns[:-1]) <= limit
+        assert sum(IMAGE_MARKER in t["value"] for t in session.turns) == 1
+        assert IMAGE_MARKER in session.turns[0]["value"] and session.features is features
+    assert notices and all("the picture is kept" in n for n in notices)
+    assert session.turns[-2]["value"].endswith("Is it big?")
+    # a question that cannot fit even alone is refused and leaves the history as it was
+    before = list(session.turns)
+    with pytest.raises(ValueError, match=r"too long: its prompt has \d+ tokens > model.max_length=96"):
+        session.ask(" ".join(["word"] * 200))
+    assert session.turns == before
+
+
+def test_ctrl_c_and_eof_at_the_prompt_end_cleanly(tmp_path, run_env):
+    import os
+    import select
+    import signal
+    import time
+
+    for how in ("ctrl-c", "ctrl-d"):
+        out = tmp_path / how
+        proc = subprocess.Popen(
+            [sys.executable, "run.py", "stage=chat", *UNTRAINED, *_paths(tmp_path, out)],
+            cwd=ROOT,
+            env={**run_env, "OMP_NUM_THREADS": "1"},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        seen, deadline = b"", time.time() + 600
+        while b"USER: " not in seen and time.time() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                seen += os.read(proc.stdout.fileno(), 4096)
+        assert b"USER: " in seen, (seen, proc.stderr.read() if proc.poll() is not None else "")
+        if how == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+        else:
+            proc.stdin.close()  # Ctrl-D: end of input
+        proc.wait(timeout=120)
+        rest, err = proc.stdout.read(), proc.stderr.read()
+        proc.stdin.close()
+        assert proc.returncode == 0, (how, err[-3000:])
+        assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err[-3000:]
+        assert b"(chat ended)" in seen + rest
+        assert json.loads((out / "transcript.json").read_text()) == []
+
+
+def test_module_help_lists_every_command(run_env):
+    from easygen.chat import COMMANDS
+
+    r = subprocess.run(
+        [sys.executable, "-m", "easygen.chat", "--help"],
+        cwd=ROOT,
+        env=run_env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and "SPEC" not in r.stdout
+    for command, what in COMMANDS:
+        assert command in r.stdout and what in r.stdout
+    assert {c.split()[0] for c, _ in COMMANDS} == {"/image", "/draw", "/reset", "/help", "/quit"}
+    # the stage's own --help (conf/stage/chat.yaml) lists the same commands
+    r = subprocess.run(
+        [sys.executable, "run.py", "stage=chat", "--help"],
+        cwd=ROOT,
+        env=run_env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and "init_from=" in r.stdout
+    for command, what in COMMANDS:
+        assert f"  {command:14s}{what}" in r.stdout, command
