@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from easygen.clean_text import clean_text
 from lit_modules.builders import build_bidiffuser, build_llm, build_llm_tokenizer, build_projector, is_t5
 from lit_modules.datamodule import log_skipped
 from lit_modules.errors import ConfigError
@@ -57,6 +58,9 @@ class EasyGenModule(pl.LightningModule):
         self.last_batch_size = 0
         self.last_num_tokens = 0
         self._feature_cache: dict[str, torch.Tensor] = {}
+        # model.projector.standardize: fit the statistics when the model is built for training; a module
+        # built to load a checkpoint (lit_modules.export) sets it False and takes the checkpoint's own
+        self.fit_standardizer_on_configure = True
 
     # -- data -----------------------------------------------------------------------------------
     @property
@@ -98,10 +102,13 @@ class EasyGenModule(pl.LightningModule):
         if self.cfg.get("init_from"):
             self.load_weights(self.cfg["init_from"])
         if getattr(self.model.projector, "needs_fit", False):
-            if self.stage_cfg.get("kind") == "train":
+            if self.stage_cfg.get("kind") != "train":
+                # eval/chat read the statistics from init_from; without them the features pass unchanged
+                log.warning(
+                    "model.projector.standardize: no fitted statistics in init_from; features unscaled"
+                )
+            elif self.fit_standardizer_on_configure:
                 self.fit_feature_standardizer()
-            else:  # eval/chat read the statistics from init_from; without them the features pass unchanged
-                log.warning("model.projector.standardize: no fitted statistics in init_from; features unscaled")
         if self.device_mesh is not None:
             from lit_modules.fsdp import shard_easygen
 
@@ -157,7 +164,7 @@ class EasyGenModule(pl.LightningModule):
 
     def load_weights(self, path: str) -> None:
         """Start from a previous stage's weights (a Lightning checkpoint or a state dict file)."""
-        from easygen.checkpoint import load_state_dict_file
+        from easygen.checkpoint import load_state_dict_file, record_load
 
         if not Path(path).exists():
             raise ConfigError(
@@ -174,55 +181,121 @@ class EasyGenModule(pl.LightningModule):
         if bad:
             raise ConfigError(f"init_from={path}: shapes differ for {bad[:5]}")
         self.load_state_dict(picked, strict=False)
+        record_load(self, "init_from", path, len(picked))
         log.info("loaded %d tensors from %s", len(picked), path)
+
+    def on_fit_start(self) -> None:
+        # a module configured with fit_standardizer_on_configure=False and trained anyway
+        if getattr(self.model.projector, "needs_fit", False):
+            self.fit_feature_standardizer()
 
     def fit_feature_standardizer(self) -> None:
         """`model.projector.standardize`: the projector's per-(position, channel) statistics from the first
         `model.projector.standardize_samples` training samples (their extracted features, else the features
-        this stage would compute for them). Runs once: checkpoints and `init_from` carry the statistics."""
-        from data_modules.shards import ShardIndexDataset
+        this stage would compute for them). Fitted once per (training shards, settings) and cached beside the
+        shards (`lit_modules.feature_stats`); under several processes rank 0 fits or reads, the others get
+        the result by broadcast. Checkpoints and `init_from` carry the statistics."""
+        from lit_modules import feature_stats
 
         limit = int(self.cfg["model"]["projector"].get("standardize_samples") or 1024)
+        eps = 1e-3
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        rank0 = trainer is None or trainer.is_global_zero
+        result, error = None, None
+        if rank0:
+            try:
+                key = feature_stats.cache_key(self.cfg, self.feature_source, limit, eps)
+                dirs = feature_stats.cache_dirs(self.cfg)
+                found = feature_stats.read_cached(dirs, key)
+                if found is not None:
+                    mean, std, n, path = found
+                    result = (mean, std, f"read from the cache {path} ({n} training samples)")
+                else:
+                    feats = self._standardizer_features(limit)
+                    mean, std = self.model.projector.standardizer_statistics(feats, eps)
+                    mean, std = mean.float(), std.float()
+                    path = feature_stats.write_cached(dirs, key, mean, std, len(feats)) if dirs else None
+                    where = f"cached in {path}" if path else "not cached (model.projector.standardize_cache)"
+                    result = (mean, std, f"fitted on {len(feats)} training samples, {where}")
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                if world == 1:
+                    raise
+                error = f"{type(e).__name__}: {e}"
+        if world > 1:
+            # the other ranks wait here for exactly the fit; a failure on rank 0 reaches them too
+            result, error = trainer.strategy.broadcast((result, error), src=0)
+        if error is not None:
+            raise RuntimeError(f"model.projector.standardize failed on rank 0: {error}")
+        mean, std, how = result
+        proj = self.model.projector
+        proj.set_statistics(mean.to(proj.feature_mean), std.to(proj.feature_std))
+        if rank0:
+            log.info("projector standardiser %s", how)
+
+    @torch.no_grad()
+    def _standardizer_features(self, limit: int) -> torch.Tensor:
+        """The features of the first `limit` training samples ([N, L, C], float32 on the CPU)."""
+        from tqdm.auto import tqdm
+
+        from data_modules.shards import ShardIndexDataset
+
         size = int(self.cfg["model"]["image_size"])
         urls = [src["urls"] for src in self.cfg["data"]["train"]]
         feats, pending = [], []
+        load = self.feature_source != "captions"
+        datasets = [(spec, ShardIndexDataset(spec, size, load_images=load)) for spec in urls]
+        total = min(limit, sum(len(ds) for _, ds in datasets))
+        bar = tqdm(total=total, desc="projector standardiser: training features", unit="sample", leave=False)
 
         def flush():
             if pending:
-                batch = {"ids": [s.get("id", "?") for s in pending], "has_image": torch.ones(len(pending), dtype=torch.bool)}
+                ids = [s.get("id", "?") for s in pending]
+                batch = {"ids": ids, "has_image": torch.ones(len(pending), dtype=torch.bool)}
                 if self.feature_source == "captions":
                     batch["feature_texts"] = [s["captions"][0] for s in pending]
                 else:
-                    batch["images"] = torch.stack([torch.as_tensor(s["image"]) for s in pending])
-                feats.append(self.image_features(batch).float().cpu())
+                    images = torch.stack([torch.as_tensor(s["image"]) for s in pending])
+                    batch["images"] = images.to(next(self.bidiffuser.parameters()).device)
+                # not through the in-memory feature cache: it would hold float16 copies on rank 0 only,
+                # and the first steps would see other features there than on the other ranks
+                feats.append(self.image_features(batch, use_cache=False).float().cpu())
+                bar.update(len(pending))
                 pending.clear()
 
-        for spec in urls:
-            ds = ShardIndexDataset(spec, size, load_images=self.feature_source != "captions")
-            for i in range(len(ds)):
-                if sum(len(f) for f in feats) + len(pending) >= limit:
-                    break
-                s = ds[i]
-                if s is None:
-                    continue
-                if s.get("features") is not None and self.feature_source in ("auto", "extracted"):
-                    feats.append(torch.as_tensor(np.asarray(s["features"]), dtype=torch.float32)[None])
-                elif self.feature_source == "extracted":
-                    raise ConfigError(f"model.projector.standardize: sample {s.get('id')} of {spec} carries no "
-                                      "features but stage.feature_source=extracted")
-                elif s.get("image") is not None or (self.feature_source == "captions" and s.get("captions")):
-                    pending.append(s)
-                    if len(pending) == 32:
-                        flush()
-        flush()
+        try:
+            for spec, ds in datasets:
+                for i in range(len(ds)):
+                    if sum(len(f) for f in feats) + len(pending) >= limit:
+                        break
+                    s = ds[i]
+                    if s is None:
+                        continue
+                    if s.get("features") is not None and self.feature_source in ("auto", "extracted"):
+                        feats.append(torch.as_tensor(np.asarray(s["features"]), dtype=torch.float32)[None])
+                        bar.update(1)
+                    elif self.feature_source == "extracted":
+                        raise ConfigError(
+                            f"model.projector.standardize: sample {s.get('id')} of {spec} carries "
+                            "no features but stage.feature_source=extracted"
+                        )
+                    elif s.get("image") is not None or (
+                        self.feature_source == "captions" and s.get("captions")
+                    ):
+                        pending.append(s)
+                        if len(pending) == 32:
+                            flush()
+            flush()
+        finally:
+            bar.close()
         if sum(len(f) for f in feats) < 2:
-            raise ConfigError(f"model.projector.standardize: fewer than 2 training samples with pictures in {urls}")
-        all_feats = torch.cat(feats)[:limit]
-        self.model.projector.fit_standardizer(all_feats)
-        log.info("projector standardiser fitted on %d training samples", len(all_feats))
+            raise ConfigError(
+                f"model.projector.standardize: fewer than 2 training samples with pictures in {urls}"
+            )
+        return torch.cat(feats)[:limit]
 
     # -- features -------------------------------------------------------------------------------
-    def image_features(self, batch: dict) -> torch.Tensor | None:
+    def image_features(self, batch: dict, use_cache: bool = True) -> torch.Tensor | None:
         if not bool(batch["has_image"].any()):
             return None
         if batch.get("features") is not None and self.feature_source in ("auto", "extracted"):
@@ -239,7 +312,7 @@ class EasyGenModule(pl.LightningModule):
                 raise ValueError(
                     f"batch {batch['ids'][:3]}...: image samples carry neither features nor pixels"
                 )
-            return self.cached_i2t(batch)
+            return self.cached_i2t(batch) if use_cache else self.bidiffuser.i2t_features(batch["images"])
 
     def cached_i2t(self, batch: dict) -> torch.Tensor:
         """i2t features on the fly, kept per sample id (up to `model.feature_cache_size`) so that later
@@ -333,7 +406,7 @@ class EasyGenModule(pl.LightningModule):
                 num_beams=num_beams,
                 do_sample=False,
             )
-            texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         else:
             texts = self.model.generate(
                 batch["input_ids"],
@@ -344,7 +417,16 @@ class EasyGenModule(pl.LightningModule):
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
             )
-        return {"ids": list(batch["ids"]), "predictions": texts, "references": batch["references"]}
+        # whole sequences were decoded (special tokens skipped); what a byte-level BPE leaves that is not
+        # text (U+FFFD of invalid UTF-8, control bytes) is dropped: easygen/clean_text.py
+        texts = [clean_text(t) for t in texts]
+        out = {"ids": list(batch["ids"]), "predictions": texts, "references": batch["references"]}
+        if batch.get("images") is not None and len(batch["images"]) == int(batch["has_image"].sum()):
+            # the pictures ([3, H, W] in [0, 1]) beside their ids, for the sample tables of
+            # callbacks/caption_eval.py; the collator stacks the pictures of image samples only
+            pictures = iter(batch["images"])
+            out["images"] = [next(pictures) if h else None for h in batch["has_image"].tolist()]
+        return out
 
     def generate_images(self, prompts: list[str]):
         if self.bidiffuser is None:

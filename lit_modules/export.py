@@ -43,6 +43,9 @@ def module_from_checkpoint(checkpoint: dict, source: str = "checkpoint"):
         log.warning("%s: init_from=%s is gone; the checkpoint's own tensors are used", source, init)
         cfg = {**cfg, "init_from": None}
     module = build_module_from_plain(cfg)
+    # the checkpoint carries the projector's feature statistics (model.projector.standardize): nothing is
+    # fitted here, so no training data is read
+    module.fit_standardizer_on_configure = False
     module.configure_model()
     state = checkpoint["state_dict"]
     own = module.state_dict()
@@ -53,6 +56,13 @@ def module_from_checkpoint(checkpoint: dict, source: str = "checkpoint"):
     if bad:
         raise ConfigError(f"{source}: shapes differ for {bad[:3]}")
     module.load_state_dict(state, strict=False)
+    projector = getattr(getattr(module, "model", None), "projector", None)
+    if getattr(projector, "needs_fit", False):
+        log.warning(
+            "%s: model.projector.standardize is on but the checkpoint holds no fitted feature statistics; "
+            "features pass unscaled",
+            source,
+        )
     return module.eval()
 
 
@@ -89,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", help="the folder to write")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from lit_modules.log_setup import single_handler
+
+    single_handler()
     torch.set_grad_enabled(False)
     try:
         out = export_checkpoint(args.checkpoint, args.out)

@@ -64,3 +64,19 @@ def test_bad_shapes_are_refused():
         p(torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match="built without"):
         Projector(8, 16, 12).fit_standardizer(torch.randn(10, 4, 8))
+
+
+def test_set_statistics_checks_shapes_and_output_is_not_a_view():
+    p = Projector(8, 16, 12, standardize_tokens=4)
+    with pytest.raises(ValueError, match=r"standardiser std must have shape \(4, 8\)"):
+        p.set_statistics(torch.zeros(4, 8), torch.ones(5, 8))
+    feats = _features()
+    p.set_statistics(*Projector.standardizer_statistics(feats))
+    q = Projector(8, 16, 12, standardize_tokens=4)
+    q.fit_standardizer(feats)
+    assert torch.equal(p.feature_mean, q.feature_mean) and torch.equal(p.feature_std, q.feature_std)
+    # a [B, L, C] input: nn.Linear alone would return a view of its 2-D product (see lit_modules/fsdp.py)
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    assert p.fc2(p.act(p.fc1(x)))._base is not None
+    out = p(x)
+    assert out._base is None and out.shape == (2, 4, 12)
