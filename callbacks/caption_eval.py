@@ -2,16 +2,18 @@
 
 Protocol with the LightningModule: ``validation_step(batch, batch_idx)`` returns a dict with ``ids``
 (list[str]), ``predictions`` (list[str]) and ``references`` (list[list[str]]), optionally ``images``
-(for the W&B sample table). The callback keeps them per rank, gathers every rank's list on rank 0's
-side with ``all_gather_object``, drops the duplicates Lightning's ``DistributedSampler`` adds to pad
-the last batch, scores the set once with ``easygen.metrics.caption_scores`` (CIDEr's document
-frequencies depend on the whole set, so per-rank scores averaged would be wrong), broadcasts the
-scores and logs ``<prefix>/CIDEr``, ``<prefix>/Bleu_4``, ... on every rank, so ``ModelCheckpoint``
-can monitor ``val/CIDEr`` under DDP.
+(one picture or None per id, [3, H, W] in [0, 1]: shown beside the captions in the W&B sample table
+and written as PNG files beside the CSV logger's sample file). The callback keeps them per rank,
+gathers every rank's list on rank 0's side with ``all_gather_object``, drops the duplicates Lightning's
+``DistributedSampler`` adds to pad the last batch, scores the set once with
+``easygen.metrics.caption_scores`` (CIDEr's document frequencies depend on the whole set, so per-rank
+scores averaged would be wrong), broadcasts the scores and logs ``<prefix>/CIDEr``, ``<prefix>/Bleu_4``,
+... on every rank, so ``ModelCheckpoint`` can monitor ``val/CIDEr`` under DDP.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -132,28 +134,90 @@ class CaptionEvalCallback(pl.Callback):
         self._records = []
         self._images = {}
 
-    def _log_table(self, trainer: pl.Trainer, records: list[tuple[str, str, list[str]]]) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        if not loggers or self.max_samples_table <= 0:
-            return
-        import wandb
-
+    def _sample_rows(
+        self, records: list[tuple[str, str, list[str]]]
+    ) -> list[tuple[str, Any, str, list[str]]]:
+        """The first ``max_samples_table`` distinct samples: (id, picture or None, prediction, references)."""
         seen: set[str] = set()
         rows = []
         for i, pred, refs in records:
             if i in seen:
                 continue
             seen.add(i)
-            image = self._images.get(i)
-            rows.append([i, wandb.Image(image) if image is not None else None, pred, "\n".join(refs)])
+            rows.append((i, self._images.get(i), pred, refs))
             if len(rows) >= self.max_samples_table:
                 break
-        for lg in loggers:
-            lg.log_table(
-                key=f"{self.prefix}/caption_samples",
-                columns=["id", "image", "prediction", "references"],
-                data=rows,
-                step=trainer.global_step,
+        return rows
+
+    def _log_table(self, trainer: pl.Trainer, records: list[tuple[str, str, list[str]]]) -> None:
+        """The caption samples beside their pictures: a W&B table (``<prefix>/caption_samples``) and, for a
+        CSV logger, ``caption_samples/<prefix>_step<N>.csv`` in its folder with the pictures as PNG files
+        in ``caption_samples/<prefix>_step<N>/`` (the row holds the path)."""
+        from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+        if self.max_samples_table <= 0:
+            return
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+        if not wandb_loggers and not csv_loggers:
+            return
+        rows = self._sample_rows(records)
+        if wandb_loggers:
+            import wandb
+
+            data = [
+                [i, wandb.Image(to_pil(im), caption=pred) if im is not None else None, pred, "\n".join(refs)]
+                for i, im, pred, refs in rows
+            ]
+            for lg in wandb_loggers:
+                lg.log_table(
+                    key=f"{self.prefix}/caption_samples",
+                    columns=["id", "image", "prediction", "references"],
+                    data=data,
+                    step=trainer.global_step,
+                )
+        for lg in csv_loggers:
+            write_sample_csv(
+                Path(lg.log_dir) / "caption_samples", f"{self.prefix}_step{trainer.global_step:07d}", rows
             )
+
+
+def to_pil(image: Any):
+    """A picture as a PIL image: a float tensor/array [3, H, W] or [H, W, 3] in [0, 1], a uint8 one, or PIL."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if a.dtype != np.uint8:
+        a = (np.clip(a.astype(np.float64), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    return Image.fromarray(a).convert("RGB")
+
+
+def write_sample_csv(folder: Path, name: str, rows: list[tuple[str, Any, str, list[str]]]) -> Path:
+    """``folder/name.csv`` (id, image, prediction, references) with each picture written as
+    ``folder/name/<id>.png``; the image column holds that path relative to ``folder`` (empty when the
+    sample had no picture)."""
+    import csv
+    import re
+
+    pictures = folder / name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "image", "prediction", "references"])
+        for i, im, pred, refs in rows:
+            rel = ""
+            if im is not None:
+                pictures.mkdir(parents=True, exist_ok=True)
+                file = pictures / (re.sub(r"[^A-Za-z0-9._-]", "_", str(i)) + ".png")
+                to_pil(im).save(file)
+                rel = str(file.relative_to(folder))
+            writer.writerow([i, rel, pred, " | ".join(refs)])
+    return path

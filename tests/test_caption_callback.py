@@ -237,6 +237,104 @@ def test_throughput_and_t2i_sample_callbacks(tmp_path):
     assert Image.open(samples.last_paths[1]).getpixel((0, 0)) == (40, 0, 0)
 
 
+def _picture(k: int) -> torch.Tensor:
+    """A distinct flat colour per sample, [3, 4, 6] in [0, 1] as the data pipeline gives."""
+    rgb = torch.tensor([(30 * k) % 256, (70 * k + 10) % 256, 200 - 20 * k]) / 255.0
+    return rgb[:, None, None].expand(3, 4, 6).clone()
+
+
+class _CaptionerWithPictures(_Captioner):
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        out["images"] = [_picture(int(k)) for k in batch]
+        return out
+
+
+def test_sample_table_logs_the_pictures_to_wandb_and_csv(tmp_path, monkeypatch):
+    """W&B offline: the logged table's image cells are image files holding the validated pictures; the CSV
+    logger's sample file names a PNG per row with the same pixels."""
+    import csv
+
+    import numpy as np
+    import wandb
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from PIL import Image
+
+    from callbacks import CaptionEvalCallback
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # where logged tables are staged
+    # W&B logs a table as an artifact (its JSON plus the image files); keep each one logged, as logged
+    logged = []
+    real_log_artifact = wandb.Run.log_artifact
+
+    def keep(run, artifact, *args, **kwargs):
+        logged.append(artifact)
+        return real_log_artifact(run, artifact, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "log_artifact", keep)
+    cb = CaptionEvalCallback(max_samples_table=5)
+    wb = WandbLogger(project="t", save_dir=str(tmp_path), offline=True)
+    csv_logger = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=[wb, csv_logger],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
+    trainer.validate(_CaptionerWithPictures())
+    wandb.finish()
+
+    (art,) = [a for a in logged if a.type == "run_table"]
+    files = {name: Path(e.local_path) for name, e in art.manifest.entries.items()}
+    table = json.loads(files["val/caption_samples.table.json"].read_text())
+    assert table["columns"] == ["id", "image", "prediction", "references"]
+    assert [r[0] for r in table["data"]] == [f"img{k}" for k in range(5)]
+    for row in table["data"]:
+        k = int(row[0][3:])
+        assert row[2] == _prediction(k) and row[3] == "\n".join(_references(k))
+        cell = row[1]
+        assert isinstance(cell, dict) and cell["_type"] == "image-file", cell
+        png = np.asarray(Image.open(files[cell["path"]]).convert("RGB"))
+        want = (_picture(k).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        assert png.shape == want.shape and (png == want).all(), (k, png[0, 0], want[0, 0])
+
+    folder = Path(csv_logger.log_dir) / "caption_samples"
+    with (folder / "val_step0000000.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == [f"img{k}" for k in range(5)]
+    for r in rows:
+        k = int(r["id"][3:])
+        assert r["prediction"] == _prediction(k)
+        png = np.asarray(Image.open(folder / r["image"]).convert("RGB"))
+        want = (_picture(k).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        assert (png == want).all()
+
+
+def test_mfu_is_not_logged_without_a_peak(tmp_path):
+    """On a CPU there is no peak FLOP/s to divide by: samples/s and tokens/s are logged, perf/mfu is not."""
+    from callbacks import ThroughputCallback
+
+    class _Module(_Captioner):
+        def training_step(self, batch, batch_idx):
+            self.last_batch_size, self.last_num_tokens = len(batch), 10 * len(batch)
+            return super().training_step(batch, batch_idx)
+
+        def flops_per_sample(self) -> float:
+            return 1e9
+
+    perf = ThroughputCallback(window=3)
+    trainer = _trainer(tmp_path, [perf], devices=1, max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+    trainer.fit(_Module())
+    assert perf.last_metrics["perf/samples_per_sec"] > 0 and "perf/tokens_per_sec" in perf.last_metrics
+    assert "perf/mfu" not in perf.last_metrics and "perf/mfu" not in trainer.callback_metrics
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     _ddp_main(Path(sys.argv[1]))
