@@ -93,3 +93,14 @@ def save_state_dict_file(state_dict: dict[str, torch.Tensor], path: str | os.Pat
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def record_load(module: torch.nn.Module, key: str, path: str | os.PathLike, tensors: int) -> None:
+    """Note on `module` that `tensors` tensors were loaded from `path` (the config key `key` named it)."""
+    loads = module.__dict__.setdefault("_loaded_from", [])
+    loads.append({"key": key, "path": str(path), "tensors": int(tensors)})
+
+
+def loaded_weights(module: torch.nn.Module) -> list[dict]:
+    """Every load `record_load` noted on `module` or its submodules: what a stage started from."""
+    return [entry for m in module.modules() for entry in m.__dict__.get("_loaded_from", [])]

@@ -51,9 +51,9 @@ def build_llm_tokenizer(cfg: dict):
     if m["preset"] in ("tiny", "tiny-t5"):
         from easygen.tokenization import build_tokenizer
 
-        # tiny-t5 reuses the Llama-kind specials (</s> ends the target, pad = <unk> starts the decoder)
+        # tiny-t5: a sentencepiece unigram T5 tokenizer (pad 0 starts the decoder, </s> = 1, no BOS)
         return build_tokenizer(
-            "llama",
+            "t5" if m["preset"] == "tiny-t5" else "llama",
             tiny_corpus(),
             vocab_size=int(m.get("vocab_size", 512)),
             model_max_length=int(cfg["model"]["max_length"]),
@@ -181,7 +181,7 @@ def build_bidiffuser(cfg: dict, device: str | torch.device | None = None):
         raise ConfigError(f"model.bidiffuser.preset={preset!r}: choose tiny|v1|v1-random")
     pipe.seed = sample_seed
     if b.get("weights"):
-        from easygen.checkpoint import load_state_dict_file
+        from easygen.checkpoint import load_state_dict_file, record_load
 
         sd = load_state_dict_file(require_path(b["weights"], "model.bidiffuser.weights"))
         missing, unexpected = pipe.load_state_dict(sd, strict=False)
@@ -190,6 +190,7 @@ def build_bidiffuser(cfg: dict, device: str | torch.device | None = None):
                 f"model.bidiffuser.weights={b['weights']} does not fit the {preset} preset: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+        record_load(pipe, "model.bidiffuser.weights", b["weights"], len(sd))
     for p in pipe.parameters():
         p.requires_grad_(False)
     return pipe.eval() if device is None else pipe.eval().to(device)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from easygen.checkpoint import loaded_weights
 from easygen.images import load_image
 from lit_modules.builders import build_bidiffuser
 from lit_modules.encoder_outputs import ENCODER_MEMBERS, npy_bytes
@@ -282,6 +283,7 @@ def extract_stage(cfg) -> dict:
             "written": report["done"],
             "resumed": report["resumed"],
         },
+        "loaded": loaded_weights(pipe),
         "artifacts": {"shards": str(out_root), "manifest": str(out_root / "manifest.json")},
         "is_global_zero": rank == 0,
     }
