@@ -170,7 +170,7 @@ def build_strategy(strategy_cfg, trainer_cfg):
                 "use strategy=fsdp or strategy=ddp on this machine (set strategy=...)"
             )
         if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError("strategy=deepspeed needs the deepspeed package: pip install deepspeed")
+            raise ConfigError("strategy=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'")
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         return DeepSpeedStrategy(
