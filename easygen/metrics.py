@@ -30,7 +30,6 @@ InceptionV3 (the ``fid`` extra).
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import pickle
 import re
@@ -143,99 +142,17 @@ def ptb_tokenize(
     return gts, res
 
 
-def _meteor_threads() -> int:
-    """Worker threads for METEOR scoring: ``EASYGEN_METEOR_THREADS``, else the usable CPUs but one (at most 4).
-
-    One CPU is left to the Python scorers (BLEU, ROUGE-L, CIDEr) that run beside METEOR: on a 2-CPU
-    machine a second METEOR thread made scoring slower, cold and warm (experiments/RESULTS.md).
-    """
-    env = os.environ.get("EASYGEN_METEOR_THREADS")
-    if env is not None:
-        try:
-            value = int(env)
-        except ValueError:
-            raise ValueError(f"EASYGEN_METEOR_THREADS must be an integer >= 1, got {env!r}") from None
-        if value < 1:
-            raise ValueError(f"EASYGEN_METEOR_THREADS must be an integer >= 1, got {env!r}")
-        return value
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus - 1))
-
-
-def _meteor_parallel_classes() -> Path | None:
-    """Folder holding the compiled ``MeteorParallel`` class, compiled on first use into a cache folder.
-
-    ``None`` when no ``javac`` is available (a JRE only) or compilation fails: the caller then runs
-    Meteor's own single-threaded loop, which gives the same scores.
-    """
-    import hashlib
-    import shutil
-
-    source = Path(__file__).with_name("MeteorParallel.java")
-    jar = _coco_dir() / "meteor" / "meteor-1.5.jar"
-    if not source.is_file():  # an installation without the package's .java file
-        return None
-    key = hashlib.sha1(source.read_bytes() + str(jar.stat().st_size).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "easygen"
-    target = cache / f"meteor-parallel-{key}"
-    if (target / "MeteorParallel.class").is_file():
-        return target
-    javac = shutil.which("javac")
-    if javac is None:
-        return None
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=cache, prefix=".build-")
-        try:
-            proc = subprocess.run(
-                [javac, "-nowarn", "-cp", str(jar), "-d", tmp, str(source)], capture_output=True, check=False
-            )
-            if proc.returncode != 0:
-                logging.getLogger(__name__).warning(
-                    "MeteorParallel.java did not compile; METEOR runs single-threaded: %s",
-                    proc.stderr.decode(errors="replace")[-1000:],
-                )
-                return None
-            try:
-                os.replace(tmp, target)  # atomic; a concurrent compile of the same source may have won
-            except OSError:
-                if not (target / "MeteorParallel.class").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
-        logging.getLogger(__name__).warning(
-            "cannot cache MeteorParallel (%s); METEOR runs single-threaded", e
-        )
-        return None
-    return target
-
-
 class _Meteor:
     """METEOR 1.5 in ``-stdio`` mode, the same line protocol and options as pycocoevalcap's ``Meteor``.
 
     Differs in streaming: all SCORE lines go out from a writer thread while the answers are read,
-    instead of one blocking round trip per image. With ``threads > 1`` (and a JDK's ``javac`` at hand)
-    the JVM runs ``MeteorParallel.java`` beside this file: Meteor's own scorer answering the same
-    lines on several threads that share one loaded paraphrase table, output in input order; otherwise
-    Meteor's own single-threaded ``-stdio`` loop.
+    instead of one blocking round trip per image. One scoring thread (Meteor's own ``-stdio`` loop): a
+    second one, sharing the paraphrase table, was slower on 2 CPUs (experiments/RESULTS.md).
     """
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self) -> None:
         meteor_dir = _coco_dir() / "meteor"
-        threads = _meteor_threads() if threads is None else threads
-        classes = _meteor_parallel_classes() if threads > 1 else None
-        options = ["-", "-", "-stdio", "-l", "en", "-norm"]
-        if classes is None:
-            cmd = ["java", "-jar", "-Xmx2G", "meteor-1.5.jar", *options]
-            self.threads = 1
-        else:
-            classpath = os.pathsep.join(["meteor-1.5.jar", str(classes)])
-            cmd = ["java", "-Xmx2G", "-cp", classpath, "MeteorParallel", str(threads), *options]
-            self.threads = threads
+        cmd = ["java", "-jar", "-Xmx2G", "meteor-1.5.jar", "-", "-", "-stdio", "-l", "en", "-norm"]
         self.cmd = cmd
         self.proc = subprocess.Popen(
             cmd, cwd=meteor_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
