@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from easygen.bidiffuser.autoencoder import diffusers_to_ldm_state_dict, tiny_autoencoder
+from easygen.bidiffuser.autoencoder import TINY_NORM_GROUPS, diffusers_to_ldm_state_dict
 from easygen.bidiffuser.clip import ClipImageEncoder
 from easygen.bidiffuser.convert import save_uvit
 from easygen.bidiffuser.pipeline import BiDiffuser
@@ -114,11 +114,10 @@ def test_inconsistent_parts_are_refused(model):
 
 
 def test_from_paths_rebuilds_the_same_model(images, tmp_path):
-    # the tiny preset's linearised VAE keeps part of its character in its output norm's eps, which no
-    # checkpoint format carries: the files are written from a tiny pipeline with an all-random VAE
+    # every part of the tiny preset, its VAE included, is plain weights in the real formats
     model = BiDiffuser.tiny(CORPUS, seed=0, image_size=64, **SAMPLER)
-    model.vae = tiny_autoencoder(0, linear=False).eval().requires_grad_(False)
     features = model.i2t_features(images)
+    pictures = model.generate_tensors(CORPUS[:2])
     save_uvit(model.uvit, tmp_path / "uvit.pth")
     torch.save(
         diffusers_to_ldm_state_dict(model.vae.state_dict(), num_levels=4), tmp_path / "autoencoder_kl.pth"
@@ -145,9 +144,15 @@ def test_from_paths_rebuilds_the_same_model(images, tmp_path):
         "num_text_tokens": model.uvit.config.num_text_tokens,
     }
     rebuilt = BiDiffuser.from_paths(
-        **paths, uvit_config=uvit_config, caption_decoder_heads=n_head, seed=model.seed, **SAMPLER
+        **paths,
+        uvit_config=uvit_config,
+        caption_decoder_heads=n_head,
+        autoencoder_norm_groups=TINY_NORM_GROUPS,
+        seed=model.seed,
+        **SAMPLER,
     )
     torch.testing.assert_close(rebuilt.i2t_features(images), features)
+    torch.testing.assert_close(rebuilt.generate_tensors(CORPUS[:2]), pictures)
     with pytest.raises(FileNotFoundError, match="clip_text not found"):
         BiDiffuser.from_paths(**dict(paths, clip_text=tmp_path / "nope"))
 
@@ -163,7 +168,8 @@ def test_shared_noise_makes_features_independent_of_the_batch(images):
     torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(a[0], a[1])  # still a function of the picture
     alone = shared.i2t_features(images[1:])
-    torch.testing.assert_close(alone[0], a[1], rtol=1e-5, atol=1e-5)
+    # batch size 1 vs 2 changes only the conv kernels' float32 summation order (~1e-5 here)
+    torch.testing.assert_close(alone[0], a[1], rtol=1e-5, atol=1e-4)
     fresh = BiDiffuser.tiny(CORPUS, seed=0, image_size=64, shared_noise=False, **SAMPLER)
     c = fresh.i2t_features(images)
     d = fresh.i2t_features(torch.cat([images[1:], images[:1]]))

@@ -177,100 +177,177 @@ def _config_from_ldm(sd: dict[str, torch.Tensor], source: str, norm_num_groups: 
     )
 
 
+# The tiny preset's topology: the real one (4 levels, factor 8, 4 latent channels, SD's GroupNorm eps) at tiny
+# widths. SD uses 32 GroupNorm groups; the tiny VAE uses 8, so that every norm its signal passes through has
+# at least 4 channels per group (see tiny_autoencoder). The group count is not in the weights: an LDM file
+# of the tiny VAE loads with ``load_ldm_autoencoder(path, norm_num_groups=TINY_NORM_GROUPS)``; its widths
+# (80 is not a multiple of 32) make the loader refuse it without that.
+TINY_WIDTHS = (32, 32, 80, 80)
+TINY_NORM_GROUPS = 8
+
+
+def _tiny_config() -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=TINY_WIDTHS,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=TINY_NORM_GROUPS,
+        sample_size=64,
+        scaling_factor=SCALE_FACTOR,
+    )
+
+
 def tiny_autoencoder(seed: int = 0, linear: bool = True) -> AutoencoderKL:
-    """A random KL autoencoder with the real topology (4 levels, factor 8, 4 latent channels), tiny widths;
-    ``linear``: its encoder set to a trained one's character (:func:`linearize_encoder`); False keeps every
-    weight random (for tests of the checkpoint formats)."""
+    """The tiny preset's KL autoencoder: the real topology at tiny widths (``TINY_WIDTHS``, 8 GroupNorm
+    groups). ``linear``: weights set as :func:`set_tiny_weights` describes (an encoder with a trained one's
+    character and a decoder that inverts it); False keeps every weight random, with a sharp posterior
+    (for tests of the checkpoint formats). Everything is in the state dict: the LDM file of either loads
+    back through :func:`load_ldm_autoencoder` to the same function."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 32, 64, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=64,
-            scaling_factor=SCALE_FACTOR,
-        )
+        vae = AutoencoderKL(**_tiny_config())
         if linear:
-            linearize_encoder(vae, torch.Generator().manual_seed(seed))
-        sharpen_posterior(vae, gain=TINY_LINEAR_GAIN if linear else TINY_MEAN_GAIN)
+            set_tiny_weights(vae, torch.Generator().manual_seed(seed))
+        else:
+            sharpen_posterior(vae, gain=TINY_MEAN_GAIN)
     return vae
 
 
 # A trained KL-f8 encoder's latent is close to a fixed linear map of the picture's colours pooled over each
-# 8x8 cell (what SD's cheap latent previews rely on); a random one mixes colour, brightness and texture
-# through GroupNorms and SiLUs, so that even the colour of a plain shape is hard to read off its latent.
-# The tiny preset's encoder takes the trained character: a random colour mix at the input, a 2x2 mean at
-# each downsampling, the random residual blocks of the two full-width levels kept (amplified by TINY_TEXTURE:
-# local structure such as edges and extent, as visible as colour), those of the deeper levels and the middle
-# off, and an output norm that is a fixed scale (every signal channel is paired in its GroupNorm group with
-# its negative, so the group mean is 0, and the norm's eps is set so large that the picture's variance does
-# not move the divisor), its SiLU then working in its linear range.
-LINEAR_NORM_EPS = 1.0e8
-TINY_TEXTURE = 3.0
-TINY_LINEAR_GAIN = 4.0  # latents x 0.18215 of the synthetic pictures then spread about 1
-LINEAR_OFFSET = 8.0  # the signal enters the SiLU around here, where SiLU(x) = x to 3e-3
+# 8x8 cell (what SD's cheap latent previews rely on) plus local structure; a random one mixes colour,
+# brightness and texture through GroupNorms and SiLUs, so that even the colour of a plain shape is hard to
+# read off its latent. The tiny preset's weights give it that character with plain AutoencoderKL weights:
+#
+# - latent channels 0-2 are the 8x8-pooled R, G, B (in [-1, 1]) times TINY_COLOUR_GAIN: a colour copy at the
+#   input, a 2x2 mean at each downsampling;
+# - latent channel 3 is local structure (edges and extent): a random projection of the random residual
+#   blocks of the two full-width levels (amplified by TINY_TEXTURE) over a random colour mix;
+# - the decoder is the inverse of the colour part: channels 0-2 / TINY_COLOUR_GAIN, repeated over each
+#   8x8 cell (nearest-neighbour upsampling), every residual branch and attention off;
+# - the two output norms (encoder and decoder) must be a fixed scale, not a per-picture one: each signal
+#   channel x sits in its GroupNorm group beside -x and beside two channels that hold +-NORM_ANCHOR
+#   everywhere (conv biases). The group mean is then 0 and its variance (sum of x^2 + 2 NORM_ANCHOR^2) /
+#   channels per group, which the picture moves by a relative 1e-5 at most; the norm's weight undoes that
+#   fixed scale. The SiLU after each norm works in its linear range (input offset by LINEAR_OFFSET, taken
+#   back out by the next conv's bias).
+NORM_ANCHOR = 1024.0  # >> the signal (|x| <= ~4): relative picture dependence of the norm ~ 4 x^2 / anchor^2
+LINEAR_OFFSET = 20.0  # the signal enters the SiLU around here: SiLU(x) = x to 1e-7 for x >= 17
+TINY_TEXTURE = 3.0  # the residual blocks' output against the colour mix (random init gives ~0.1 of it)
+# latents x 0.18215 of the synthetic pictures (colours in [-1, 1], spread ~0.7) then spread about 1
+TINY_COLOUR_GAIN = 8.0
+TINY_TEXTURE_GAIN = 20.0
 
 
-def linearize_encoder(
-    vae: AutoencoderKL, generator: torch.Generator | None = None, texture: float = TINY_TEXTURE
-) -> None:
-    """Set the encoder so that its output is a linear map of the 8x8-pooled colours plus ``texture`` x the
-    random residual blocks of the first two levels (0: purely linear). Sets the output norm's ``eps``, which
-    is not in the state dict. Needs the tiny topology: 4 levels of one block each, widths (w, w, 2w, 2w),
-    two channels per group in the output norm."""
-    enc = vae.encoder
-    widths = [blk.resnets[0].conv2.out_channels for blk in enc.down_blocks]
-    if len(widths) != 4 or widths[0] != widths[1] or widths[2] != widths[3] or widths[2] != 2 * widths[1]:
-        raise ValueError(f"linearize_encoder expects block widths (w, w, 2w, 2w), got {tuple(widths)}")
-    if enc.conv_norm_out.num_groups * 2 != widths[3]:
-        raise ValueError("linearize_encoder expects two channels per group in the encoder's output norm")
-    w = widths[0]
-    g = generator or torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for level, blk in enumerate(enc.down_blocks):  # residual branches: kept x texture, then off
-            for res in blk.resnets:
-                res.conv2.weight.mul_(texture if level < 2 else 0.0), res.conv2.bias.mul_(texture if level < 2 else 0.0)
-        for res in enc.mid_block.resnets:
+def _anchored_pairs(conv: torch.nn.Conv2d, signals: int, per_group: int) -> torch.Tensor:
+    """Set the 1x1 ``conv`` so that input channel i lands as +x on one output channel and -x on the next,
+    ``per_group - 2`` of them (``(per_group - 2) // 2`` signals) per GroupNorm group, the group's last two
+    channels holding +-NORM_ANCHOR. Returns the output channel of each +x."""
+    pairs = (per_group - 2) // 2
+    groups = conv.out_channels // per_group
+    if pairs < 1 or signals > pairs * groups:
+        raise ValueError(
+            f"{signals} signals do not fit {groups} groups of {per_group} channels with their anchors"
+        )
+    conv.weight.zero_(), conv.bias.zero_()
+    i = torch.arange(signals)
+    plus = per_group * (i // pairs) + 2 * (i % pairs)
+    conv.weight[plus, i, 0, 0], conv.weight[plus + 1, i, 0, 0] = 1.0, -1.0
+    anchors = per_group * torch.arange(groups) + per_group - 2
+    conv.bias[anchors], conv.bias[anchors + 1] = NORM_ANCHOR, -NORM_ANCHOR
+    return plus
+
+
+def _fixed_scale_norm(norm: torch.nn.GroupNorm, plus: torch.Tensor) -> None:
+    """The GroupNorm after :func:`_anchored_pairs`: the +x channels come out as x + LINEAR_OFFSET."""
+    per_group = norm.num_channels // norm.num_groups
+    scale = (2.0 * NORM_ANCHOR**2 / per_group) ** 0.5  # the group's std with the signal at 0
+    norm.weight.zero_(), norm.bias.zero_()
+    norm.weight[plus], norm.bias[plus] = scale, LINEAR_OFFSET
+
+
+def _residuals_off(blocks) -> None:
+    for blk in blocks:
+        for res in blk.resnets:
             res.conv2.weight.zero_(), res.conv2.bias.zero_()
-        for attn in enc.mid_block.attentions:
+        for attn in getattr(blk, "attentions", None) or []:
             attn.to_out[0].weight.zero_(), attn.to_out[0].bias.zero_()
-        enc.conv_in.weight.zero_(), enc.conv_in.bias.zero_()  # colour mix, centre tap only
-        enc.conv_in.weight[:, :, 1, 1] = torch.randn(w, 3, generator=g) / 3**0.5
-        for blk in enc.down_blocks:  # each downsampling is a per-channel 2x2 mean
+
+
+def _copy_conv(conv: torch.nn.Conv2d, taps: slice) -> None:
+    """Each channel to itself, averaged over ``taps`` x ``taps`` of the kernel (a 2x2 mean, or the centre)."""
+    conv.weight.zero_(), conv.bias.zero_()
+    c = torch.arange(conv.out_channels)
+    n = (taps.stop - taps.start) ** 2
+    conv.weight[c, c, taps, taps] = 1.0 / n
+
+
+def set_tiny_weights(vae: AutoencoderKL, generator: torch.Generator, texture: float = TINY_TEXTURE) -> None:
+    """Set the tiny topology's weights as described above (``texture`` 0: latent channel 3 is 0). The
+    residual blocks of the first two encoder levels keep their random weights (times ``texture``)."""
+    cfg = vae.config
+    w = tuple(cfg.block_out_channels)
+    if w != TINY_WIDTHS or cfg.norm_num_groups != TINY_NORM_GROUPS or cfg.latent_channels != 4:
+        raise ValueError(
+            f"set_tiny_weights expects widths {TINY_WIDTHS}, {TINY_NORM_GROUPS} groups and 4 latent channels, "
+            f"got {w}, {cfg.norm_num_groups}, {cfg.latent_channels}"
+        )
+    enc, dec, g = vae.encoder, vae.decoder, generator
+    w0 = w[0]
+    with torch.no_grad():
+        # ---- encoder: input colours -> (R, G, B, a random colour mix) x w0 channels
+        enc.conv_in.weight.zero_(), enc.conv_in.bias.zero_()
+        mix = torch.randn(w0, 3, generator=g) / 3**0.5
+        mix[:3] = torch.eye(3)
+        enc.conv_in.weight[:, :, 1, 1] = mix
+        for level, blk in enumerate(enc.down_blocks):
+            for res in blk.resnets:  # residual branches: kept x texture on the full-width levels, else off
+                k = texture if level < 2 else 0.0
+                res.conv2.weight.mul_(k), res.conv2.bias.mul_(k)
+                res.conv2.weight[:3], res.conv2.bias[:3] = 0.0, 0.0  # channels 0-2 stay the plain colours
             for down in blk.downsamplers or []:
-                down.conv.weight.zero_(), down.conv.bias.zero_()
-                c = torch.arange(down.conv.out_channels)
-                down.conv.weight[c, c, :2, :2] = 0.25
-        sc = enc.down_blocks[2].resnets[0].conv_shortcut  # widening 1x1: channel 2i = input i, 2i+1 = -input i
-        sc.weight.zero_(), sc.bias.zero_()
-        i = torch.arange(w)
-        sc.weight[2 * i, i, 0, 0], sc.weight[2 * i + 1, i, 0, 0] = 1.0, -1.0
-        norm = enc.conv_norm_out
-        norm.eps = LINEAR_NORM_EPS
-        norm.weight.zero_(), norm.bias.zero_()
-        norm.weight[0::2] = LINEAR_NORM_EPS**0.5
-        norm.bias[0::2] = LINEAR_OFFSET
-        out = enc.conv_out
+                _copy_conv(down.conv, slice(0, 2))  # 2x2 mean (diffusers pads right/bottom, stride 2)
+        _residuals_off([enc.mid_block])
+        plus = _anchored_pairs(enc.down_blocks[2].resnets[0].conv_shortcut, w0, w[2] // cfg.norm_num_groups)
+        _fixed_scale_norm(enc.conv_norm_out, plus)
+        out = enc.conv_out  # -> mean (4) and log-variance (4) before quant_conv
         out.weight.zero_(), out.bias.zero_()
-        mix = torch.randn(out.out_channels, w, generator=g) / w**0.5
-        out.weight[:, 0::2, 1, 1] = mix
-        out.bias.copy_(-LINEAR_OFFSET * mix.sum(1))  # take the SiLU's offset back out
-        if vae.quant_conv is not None:
-            vae.quant_conv.weight.zero_(), vae.quant_conv.bias.zero_()
-            vae.quant_conv.weight[:, :, 0, 0] = torch.eye(vae.quant_conv.out_channels)
+        out.weight[torch.arange(3), plus[:3], 1, 1] = TINY_COLOUR_GAIN
+        # channel 3: the texture of the other channels (their colour-mix part subtracted), unit spread
+        proj = torch.randn(w0 - 3, generator=g) / (w0 - 3) ** 0.5
+        out.weight[3, plus[3:], 1, 1] = TINY_TEXTURE_GAIN * proj / max(texture, 1.0)
+        out.weight[3, plus[:3], 1, 1] = -TINY_TEXTURE_GAIN * (proj @ mix[3:]) / max(texture, 1.0)
+        out.bias.copy_(-LINEAR_OFFSET * out.weight[:, :, 1, 1].sum(1))
+        quant = vae.quant_conv  # identity on the mean, a fixed sharp log-variance
+        quant.weight.zero_(), quant.bias.zero_()
+        quant.weight[:4, :4, 0, 0] = torch.eye(4)
+        quant.bias[4:] = TINY_LOGVAR
+        # ---- decoder: latent channels 0-2 / TINY_COLOUR_GAIN, each 8x8 cell one colour
+        post = vae.post_quant_conv
+        post.weight.zero_(), post.bias.zero_()
+        post.weight[:, :, 0, 0] = torch.eye(4)
+        dec.conv_in.weight.zero_(), dec.conv_in.bias.zero_()
+        dec.conv_in.weight[torch.arange(3), torch.arange(3), 1, 1] = 1.0 / TINY_COLOUR_GAIN
+        _residuals_off([dec.mid_block, *dec.up_blocks])
+        for blk in dec.up_blocks:
+            for up in blk.upsamplers or []:
+                _copy_conv(up.conv, slice(1, 2))  # after diffusers' nearest 2x: the centre tap
+        plus = _anchored_pairs(dec.up_blocks[2].resnets[0].conv_shortcut, 3, w[0] // cfg.norm_num_groups)
+        _fixed_scale_norm(dec.conv_norm_out, plus)
+        out = dec.conv_out
+        out.weight.zero_(), out.bias.zero_()
+        out.weight[torch.arange(3), plus, 1, 1] = 1.0
+        out.bias.fill_(-LINEAR_OFFSET)
 
 
 # A trained KL-f8 VAE encodes almost deterministically (posterior std far below the spread of the means)
 # and its latents times 0.18215 have about unit variance. A random encoder has neither: its log-variance
 # is about 0, so a sampled latent is noise with the picture buried under it, and its means are small.
-# The tiny preset takes the trained VAE's character: log-variance fixed at TINY_LOGVAR, means scaled by
-# TINY_MEAN_GAIN for the all-random encoder, TINY_LINEAR_GAIN for the linearised one (latents of the
-# synthetic pictures then have a spread of about 1 after the 0.18215).
+# The random tiny VAE (``linear=False``) takes the trained VAE's character: log-variance fixed at
+# TINY_LOGVAR, means scaled by TINY_MEAN_GAIN.
 TINY_LOGVAR = -12.0
 TINY_MEAN_GAIN = 25.0
 

@@ -208,12 +208,15 @@ class BiDiffuser(nn.Module):
         image_size: int | None = None,
         uvit_config: dict | None = None,
         caption_decoder_heads: int | None = None,
+        autoencoder_norm_groups: int | None = None,
         **sampler,
     ) -> BiDiffuser:
         """The real weights: a U-ViT checkpoint (original or diffusers format), ``autoencoder_kl.pth`` or a
         diffusers ``vae/`` folder, CLIP ViT-B/32 and ViT-L/14 folders, ``caption_decoder.pth`` and a GPT-2
         tokenizer folder. Nothing is downloaded. Head counts are not in the weights: ``uvit_config`` (e.g.
-        ``{"num_heads": 24}``) and ``caption_decoder_heads`` override the 64-wide-head defaults."""
+        ``{"num_heads": 24}``) and ``caption_decoder_heads`` override the 64-wide-head defaults; GroupNorm
+        group counts neither: ``autoencoder_norm_groups`` for an LDM autoencoder file that does not use SD's
+        32 (the tiny preset's: ``TINY_NORM_GROUPS``)."""
         for name, path in [
             ("uvit", uvit),
             ("autoencoder", autoencoder),
@@ -227,7 +230,7 @@ class BiDiffuser(nn.Module):
         net = load_uvit(uvit, **(uvit_config or {}))
         model = cls(
             net,
-            load_autoencoder(autoencoder),
+            load_autoencoder(autoencoder, norm_num_groups=autoencoder_norm_groups),
             ClipImageEncoder.from_pretrained(clip_image),
             ClipTextEncoder.from_pretrained(clip_text, max_length=net.config.num_text_tokens),
             CaptionDecoder.load(caption_decoder, gpt2_tokenizer, n_head=caption_decoder_heads),
