@@ -5,6 +5,10 @@
     python run.py stage=instruct lora=on strategy=fsdp trainer.devices=2
     python run.py -m optim.lr=1e-3,1e-4 seed=1,2    # sweeps: one output dir, one W&B run per job
     python run.py -m hparams_search=caption_optuna  # Optuna search maximising val/CIDEr
+
+Environment: EASYGEN_DEBUG=smoke adds `debug=smoke` (a few steps of everything) to any command that does
+not choose a `debug` config itself; EASYGEN_ROOT_DIR is where data/ and logs/ go (default: the directory
+the command was started from).
 """
 
 from __future__ import annotations
@@ -33,6 +37,14 @@ def check_group_choices(argv: list[str]) -> None:
             options = sorted(p.stem for p in (CONF / key).glob("*.yaml"))
             sys.stderr.write(f"error: unknown {key}={value}; choose {key}=" + "|".join(options) + "\n")
             raise SystemExit(2)
+
+
+def with_env_switches(argv: list[str]) -> list[str]:
+    """`EASYGEN_DEBUG=NAME` is the same as typing `debug=NAME` (unless the command names a debug config)."""
+    debug = os.environ.get("EASYGEN_DEBUG")
+    if debug and not any(a.lstrip("+~").startswith("debug=") for a in argv):
+        argv = [*argv, f"debug={debug}"]
+    return argv
 
 
 def with_recipe(cfg: DictConfig) -> DictConfig:
@@ -73,5 +85,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # data/ and logs/ go under the directory the command was started from; recorded once, so that DDP
+    # ranks, sweep jobs and SLURM tasks (which inherit the environment) agree on it
+    os.environ.setdefault("EASYGEN_ROOT_DIR", os.getcwd())
+    sys.argv[1:] = with_env_switches(sys.argv[1:])
     check_group_choices(sys.argv[1:])
     main()
