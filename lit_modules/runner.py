@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lit_modules.checks import validate
 from lit_modules.errors import ConfigError
 
 log = logging.getLogger("easygen")
@@ -43,38 +44,6 @@ def hydra_overrides() -> list[str]:
         return list(HydraConfig.get().overrides.task)
     except Exception:  # noqa: BLE001
         return []
-
-
-def stage_needs(cfg) -> list[str]:
-    """Config subtrees whose required (???) keys this stage reads."""
-    kind = cfg.stage.kind
-    if kind == "chat":
-        return ["model"]  # chat reads no dataset
-    if kind == "all":
-        return ["model", "data"]
-    if kind == "extract":
-        return ["model.bidiffuser", "data"]
-    if kind == "eval":
-        return ["model", "data"] if cfg.task != "t2i" else ["model.bidiffuser", "data"]
-    if cfg.stage.module == "bidiffuser":
-        return ["model.bidiffuser", "data"]
-    needs = ["model.llm", "model.projector", "data"]
-    if cfg.stage.get("feature_source", "auto") != "extracted":
-        needs.append("model.bidiffuser")
-    return needs
-
-
-def check_missing(cfg) -> None:
-    for prefix in stage_needs(cfg):
-        node = OmegaConf.select(cfg, prefix)
-        if node is None:
-            continue
-        # missing_keys gives full keys (model.llm.path)
-        missing = sorted(OmegaConf.missing_keys(node))
-        if missing:
-            raise ConfigError(
-                f"required path(s) not set: {', '.join(missing)} (set {missing[0]}=/path/to/...)"
-            )
 
 
 def output_dir(cfg) -> Path:
@@ -233,6 +202,10 @@ def build_callbacks(cfg, has_logger: bool = True) -> list:
         if name == "model_checkpoint" and not cfg.stage.get("monitor"):
             c = OmegaConf.merge(c, {"monitor": None, "mode": "min"})
         out.append(instantiate(c))
+    if (cfg.get("trainer") or {}).get("enable_progress_bar", True):
+        from callbacks.progress import StepProgressBar
+
+        out.append(StepProgressBar())  # `Step N/max_steps`; Lightning's own shows `Epoch 3/-2` here
     return out
 
 
@@ -270,6 +243,37 @@ def resolve_ckpt(ckpt_path, out: Path) -> str | None:
             f"ckpt_path={ckpt_path} does not exist: set ckpt_path to a checkpoint file or `last`"
         )
     return str(ckpt_path)
+
+
+# settings that decide the model's parameters and optimizer groups: a checkpoint resumes only under the same
+RESUME_KEYS = ("model.", "lora.", "stage.module", "stage.train_llm", "stage.train_lm_head", "stage.objective",
+               "stage.freeze_unused_heads", "stage.train_caption_decoder")
+
+
+def check_resume(cfg, ckpt: str) -> None:
+    """Resuming under other model, LoRA or trainable-part settings than the checkpoint was saved with fails
+    deep inside the optimizer's state loading; say which settings differ instead, and how to restore them."""
+    from lit_modules.recipe import differences
+    from lit_modules.strategies import META_FILENAME
+
+    path = Path(ckpt)
+    meta = torch.load(path / META_FILENAME if path.is_dir() else path, map_location="cpu", weights_only=False,
+                      mmap=True)
+    saved = (meta.get("hyper_parameters") or {}).get("cfg")
+    if not saved:
+        return
+
+    def flat(c):
+        from lit_modules.recipe import _flat
+
+        return {k: v for k, v in _flat(c).items() if k.startswith(RESUME_KEYS)}
+
+    diff = differences(flat(saved), json.loads(json.dumps(flat(container(cfg)), default=str)))
+    if diff:
+        raise ConfigError(
+            f"ckpt_path={ckpt} was saved with other settings than this run has: {'; '.join(diff)}. "
+            "Resume with the overrides the run was started with (e.g. lora=on), or start a new run"
+        )
 
 
 def trainer_kwargs(cfg) -> dict:
@@ -335,6 +339,7 @@ def batch_plan(cfg, world: int) -> tuple[int, int]:
 def train_stage(cfg) -> dict:
     import lightning.pytorch as pl
 
+    from easygen.checkpoint import loaded_weights
     from lit_modules.strategies import build_strategy
 
     out = output_dir(cfg)
@@ -344,6 +349,8 @@ def train_stage(cfg) -> dict:
     strategy = build_strategy(cfg.strategy, cfg.trainer)
     ensure_data(cfg)
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), out)
+    if ckpt:
+        check_resume(cfg, ckpt)
     module = build_module(cfg)
     dm = build_datamodule(cfg, module)
     loggers = build_loggers(cfg, out, resume=ckpt is not None)
@@ -373,6 +380,9 @@ def train_stage(cfg) -> dict:
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     artifacts = module.export_artifacts(out)  # every rank: gathers sharded weights
     metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+    # the learning rate of each parameter group as the optimizer was built (before the schedule scales it)
+    optimizer_lr = {g.get("name", str(i)): float(g.get("initial_lr", g["lr"]))
+                    for o in trainer.optimizers for i, g in enumerate(o.param_groups)}
     ckpt_cb = trainer.checkpoint_callback
     best = {}
     if ckpt_cb is not None and ckpt_cb.best_model_score is not None and ckpt_cb.monitor:
@@ -383,6 +393,8 @@ def train_stage(cfg) -> dict:
         "accumulate_grad_batches": accumulate,
         "world_size": world,
         "resumed_from": ckpt,
+        "optimizer_lr": optimizer_lr,
+        "loaded": loaded_weights(module),
         "metrics": metrics,
         "best": best,
         "checkpoints": {
@@ -403,7 +415,10 @@ def _scalar(v):
 
 def run_stage(cfg) -> dict:
     """Run the configured stage and write results.json; returns the results dict."""
-    check_missing(cfg)
+    from lit_modules.log_setup import single_handler
+
+    single_handler()  # Lightning's own console handler would print every record a second time
+    validate(cfg)
     kind = cfg.stage.kind
     if kind == "train":
         res = train_stage(cfg)

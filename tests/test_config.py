@@ -64,14 +64,78 @@ def test_unknown_choice_is_one_line():
     assert len(lines) == 1 and "stage=nonsense" in lines[0] and "pretrain" in lines[0], r.stderr
 
 
-def test_missing_required_path_names_the_key(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "run.py", "model=vicuna7b", f"paths.log_dir={tmp_path}", f"paths.data_dir={tmp_path}", "logger=none"],
-        cwd=ROOT, capture_output=True, text=True,
-    )
+def _typed(args, cwd, timeout=300):
+    """`python run.py ARGS` from `cwd`, no path overrides, as a user types it."""
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args, "logger=none"], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _errors(stderr: str) -> list[str]:
+    """The problems of a config error: its first line after `error: `, then one per indented line."""
+    lines = stderr.strip().splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("error:"))
+    return [lines[start][len("error:"):].strip(), *(line.strip() for line in lines[start + 1:])]
+
+
+def test_missing_required_paths_all_at_once_before_any_work(tmp_path):
+    r = _typed(["model=vicuna7b"], tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "model.llm.path" in last, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    (problem,) = _errors(r.stderr)
+    for key in ("model.llm.path", "model.bidiffuser.uvit", "model.bidiffuser.autoencoder", "model.bidiffuser.clip_image",
+                "model.bidiffuser.clip_text", "model.bidiffuser.caption_decoder", "model.bidiffuser.gpt2_tokenizer"):
+        assert key in problem, problem
+    # nothing was written: not the 512-px synthetic set the preset would train on
+    assert not (tmp_path / "data").exists()
+
+
+def test_fake_paths_and_bad_values_reported_together(tmp_path):
+    fake = [f"model.bidiffuser.{k}=/nowhere/{k}" for k in ("uvit", "autoencoder", "clip_image", "clip_text",
+                                                          "caption_decoder", "gpt2_tokenizer")]
+    r = _typed(["model=vicuna7b", "model.llm.path=/nowhere/llm", *fake, "optim.lr=-1", "data.batch_size=0"], tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    problems = _errors(r.stderr)
+    assert any("model.llm.path=/nowhere/llm does not exist" in p for p in problems), problems
+    assert sum("does not exist" in p for p in problems) == 7, problems
+    assert "optim.lr=-1 must be a positive number" in problems
+    assert "data.batch_size=0 must be a positive number" in problems
+    assert not (tmp_path / "data").exists()
+
+
+def test_negative_learning_rate_is_one_line(tmp_path):
+    r = _typed(["optim.lr=-1"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert _errors(r.stderr) == ["optim.lr=-1 must be a positive number"]
+    assert not (tmp_path / "data").exists() and not list(tmp_path.rglob("wandb"))
+
+
+def test_synthetic_root_that_does_not_exist(tmp_path):
+    """A data.root that does not exist is an error, unless the synthetic set was asked to be written there."""
+    target = tmp_path / "elsewhere" / "set"
+    r = _typed(["stage=extract", f"data.root={target}"], tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    (problem,) = _errors(r.stderr)
+    assert f"data.root={target} does not exist" in problem and "data.synthetic.write=true" in problem
+    assert not target.exists()
+    from lit_modules.checks import validate
+
+    validate(compose_resolved([f"data.root={target}", "data.synthetic.write=true"]))  # no error: it may write
+    with pytest.raises(ConfigError, match="data.root"):
+        validate(compose_resolved(["data=captions", f"data.root={target}"]))
+
+
+def test_resume_under_other_settings_names_them(tmp_path):
+    """A checkpoint of a lora=on run resumed without lora=on: the settings that differ, not an optimizer
+    traceback; with the same settings it passes."""
+    from lit_modules.runner import check_resume
+
+    on = compose_resolved(["stage=instruct", "lora=on"])
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": {"cfg": OmegaConf.to_container(on, resolve=True)}, "global_step": 3}, ckpt)
+    check_resume(compose_resolved(["stage=instruct", "lora=on", "optim.lr=1e-4"]), str(ckpt))
+    with pytest.raises(ConfigError) as err:
+        check_resume(compose_resolved(["stage=instruct"]), str(ckpt))
+    assert "lora.enabled: True -> False" in str(err.value) and "lora=on" in str(err.value)
 
 
 def test_fsdp_with_gpu_accelerator_on_cpu_machine_fails_early(tmp_path):
@@ -88,6 +152,7 @@ def test_fsdp_with_gpu_accelerator_on_cpu_machine_fails_early(tmp_path):
 
 
 def test_data_path_without_shards_fails_early(tmp_path):
+    (tmp_path / "nothing").mkdir()
     r = subprocess.run(
         [sys.executable, "run.py", "data=captions", f"data.root={tmp_path}/nothing", f"paths.log_dir={tmp_path}",
          f"paths.data_dir={tmp_path}", "logger=none"],
