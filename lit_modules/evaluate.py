@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from callbacks.caption_eval import CaptionEvalCallback
+from callbacks.progress import StepProgressBar
 from easygen.metrics import vqa_scores
 from lit_modules.errors import ConfigError
 
@@ -28,6 +29,7 @@ def _module(cfg):
 def eval_stage(cfg) -> dict:
     import lightning.pytorch as pl
 
+    from easygen.checkpoint import loaded_weights
     from lit_modules.runner import build_datamodule, ensure_data, output_dir
     from lit_modules.strategies import build_strategy
 
@@ -49,7 +51,7 @@ def eval_stage(cfg) -> dict:
         precision=cfg.trainer.precision,
         strategy=build_strategy(cfg.strategy, cfg.trainer),
         logger=False,
-        callbacks=[cb],
+        callbacks=[cb, *([StepProgressBar()] if cfg.trainer.enable_progress_bar else [])],  # "Evaluating"
         enable_checkpointing=False,
         enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
     )
@@ -65,6 +67,7 @@ def eval_stage(cfg) -> dict:
         "best": {},
         "checkpoints": {},
         "num_samples": len(preds),
+        "loaded": loaded_weights(module),
         "artifacts": {"predictions": str(out / "predictions.json")},
         "is_global_zero": trainer.is_global_zero,
     }
@@ -92,8 +95,14 @@ class VQAEvalCallback(CaptionEvalCallback):
 
 
 def t2i_eval(cfg, module, out: Path) -> dict:
-    """Pictures for the test captions (the first reference of each), saved as PNGs; CLIP score and FID
-    when their local weights are configured (`stage.clip_model`, `stage.inception`)."""
+    """Pictures for the test captions (the first reference of each), saved as PNGs, and their scores:
+
+    - `test/t2i_roundtrip_CIDEr`: each picture captioned by the model itself (its image-to-text path),
+      scored against the sample's references (any dataset);
+    - `test/t2i_attr/<attribute>` (and `<attribute>_chance`, the most frequent true value's rate): for
+      prompts that name every attribute of the synthetic set, the attributes read back from the pixels by
+      `data_modules/synthetic_reader.py` (no model involved) against those the prompt names;
+    - CLIP score and FID when their local weights are configured (`stage.clip_model`, `stage.inception`)."""
     from lit_modules.datamodule import StageDataModule
 
     # weights for the scores are read from local paths: check them before generating anything
@@ -103,6 +112,10 @@ def t2i_eval(cfg, module, out: Path) -> dict:
             raise ConfigError(
                 f"stage.{key}={value} does not exist (local weights only; null skips that score)"
             )
+    if cfg.stage.get("inception"):
+        from easygen.metrics import require_torch_fidelity
+
+        require_torch_fidelity()  # FID from a weights file needs the `fid` extra
     module.configure_model()
     dm = StageDataModule(
         test=cfg.data.test, image_size=int(cfg.model.image_size), batch_size=8, num_workers=0
@@ -119,6 +132,14 @@ def t2i_eval(cfg, module, out: Path) -> dict:
     for s, im in zip(samples, images):
         im.save(folder / f"{s['id']}.png")
     metrics = {"test/num_images": float(len(images))}
+    roundtrip = roundtrip_captions(module, samples, images)
+    metrics["test/t2i_roundtrip_CIDEr"] = cider_score(roundtrip, {s["id"]: s["captions"] for s in samples})
+    readings = attribute_readings(prompts, images)
+    if readings is not None:
+        from data_modules.synthetic_reader import attribute_accuracy
+
+        acc = attribute_accuracy([r for r, _ in readings], [t for _, t in readings])
+        metrics.update({f"test/t2i_attr/{k}": float(v) for k, v in acc.items()})
     fake = torch.stack([torch.as_tensor(np.asarray(im)).permute(2, 0, 1) for im in images])
     real = torch.stack([(s["image"] * 255).round().to(torch.uint8) for s in samples])
     from easygen.metrics import clip_score, fid_score
@@ -130,8 +151,14 @@ def t2i_eval(cfg, module, out: Path) -> dict:
     (out / "predictions.json").write_text(
         json.dumps(
             [
-                {"image_id": s["id"], "prompt": p, "file": f"images/{s['id']}.png"}
-                for s, p in zip(samples, prompts)
+                {
+                    "image_id": s["id"],
+                    "prompt": p,
+                    "file": f"images/{s['id']}.png",
+                    "caption_of_picture": roundtrip[s["id"]],
+                    **({"read": readings[k][0], "named": readings[k][1]} if readings is not None else {}),
+                }
+                for k, (s, p) in enumerate(zip(samples, prompts))
             ],
             indent=1,
         )
@@ -144,3 +171,41 @@ def t2i_eval(cfg, module, out: Path) -> dict:
         "checkpoints": {},
         "artifacts": {"images": str(folder)},
     }
+
+
+def roundtrip_captions(module, samples: list[dict], images: list) -> dict[str, str]:
+    """The model's own caption of each generated picture (its image-to-text path on the pixels; any
+    precomputed features of the real picture are dropped), keyed by the sample's id."""
+    rows = []
+    for s, im in zip(samples, images):
+        row = {k: v for k, v in s.items() if k != "features"}
+        row["image"] = torch.as_tensor(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0
+        row["id"] = f"t2i:{s['id']}"  # not the real picture's id: on-the-fly feature caches key on it
+        rows.append(row)
+    out = {}
+    for i in range(0, len(rows), 8):
+        pred = module.predict_captions(module.eval_collate(rows[i : i + 8]))
+        out.update({sid.removeprefix("t2i:"): text for sid, text in zip(pred["ids"], pred["predictions"])})
+    return out
+
+
+def cider_score(predictions: dict[str, str], references: dict[str, list[str]]) -> float:
+    """CIDEr-D of one caption per id against its references (PTB-tokenised, as pycocoevalcap scores)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    from easygen.metrics import ptb_tokenize
+
+    gts, res = ptb_tokenize({k: references[k] for k in predictions}, predictions)
+    score, _ = Cider().compute_score(gts, res)
+    return float(score)
+
+
+def attribute_readings(prompts: list[str], images: list) -> list[tuple[dict, dict]] | None:
+    """(read from the pixels, named by the prompt) per picture, when every prompt names all of the
+    synthetic set's attributes; else None (other datasets)."""
+    from data_modules.synthetic_reader import parse_caption, read_picture
+
+    named = [parse_caption(p) for p in prompts]
+    if not named or any(v is None for n in named for v in n.values()):
+        return None
+    return [(read_picture(im), n) for im, n in zip(images, named)]

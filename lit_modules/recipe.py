@@ -1,13 +1,19 @@
 """`stage=all`: the whole recipe in order — BiDiffuser fine-tuning → feature extraction → alignment →
 instruction tuning → evaluation — each stage composed from the same overrides plus what the previous
 stages produced (no paths copied by hand). A stage whose `results.json` exists is not run again, so a
-rerun after a crash continues at the stage that did not finish."""
+rerun after a crash continues at the stage that did not finish. A finished stage is reused only when its
+fingerprint (its resolved config and the identity of the files it reads) equals the one it finished with;
+otherwise `stage.on_change` says what happens: `rerun` (the old folder is kept aside), `reuse` or `error`."""
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
+import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from lit_modules.errors import ConfigError
 
@@ -47,22 +53,93 @@ def compose_stage(cfg, stage: str, extra: list[str]):
     return compose(config_name="config", overrides=[*recipe, *user, f"stage={stage}", *per_stage, *extra])
 
 
+# keys that do not change what a stage computes (where it writes, how it logs)
+VOLATILE = ("paths.", "logger.", "callbacks.", "task_name", "tags", "ckpt_path", "trainer.enable_progress_bar")
+FINGERPRINT = "fingerprint.json"
+
+
+def _flat(node, prefix: str = "") -> dict:
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+    if items is None or not node:
+        return {prefix[:-1]: node}
+    out = {}
+    for k, v in items:
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def _file_identity(pattern: str) -> str:
+    """What a path or shard pattern points at: count, bytes and newest modification of the files."""
+    paths = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).exists() else [])
+    files = [f for p in paths for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file()]
+    if not files:
+        return "absent"
+    stats = [f.stat() for f in files]
+    return f"{len(files)} files, {sum(s.st_size for s in stats)} bytes, newest {max(s.st_mtime_ns for s in stats)}"
+
+
+def fingerprint(sub) -> dict:
+    """The stage's resolved config without its volatile keys, with each input file's identity beside it."""
+    flat = _flat(OmegaConf.to_container(sub, resolve=True))
+    out = {k: v for k, v in flat.items() if not k.startswith(VOLATILE)}
+    inputs = [k for k in out if k in ("init_from", "model.bidiffuser.weights", "data.val", "data.test")
+              or (k.startswith("data.train") and k.endswith(".urls"))]
+    for key in inputs:
+        if isinstance(out[key], str):
+            out[f"{key} (files)"] = _file_identity(out[key])
+    return json.loads(json.dumps(out, default=str))
+
+
+def differences(old: dict, new: dict, limit: int = 8) -> list[str]:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    lines = [f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in keys[:limit]]
+    return lines + ([f"... and {len(keys) - limit} more"] if len(keys) > limit else [])
+
+
+def _finished(stage: str, sdir: Path, fp: dict, policy: str) -> bool:
+    """Whether the finished stage in `sdir` can stand for this one (else its folder is moved aside)."""
+    if not (sdir / "results.json").exists():
+        return False
+    fp_file = sdir / FINGERPRINT
+    old = json.loads(fp_file.read_text()) if fp_file.exists() else {}
+    diff = differences(old, fp) if fp_file.exists() else ["(it has no fingerprint: written by an older version)"]
+    if not old or diff:
+        what = f"stage={stage} in {sdir} finished with another config: " + "; ".join(diff)
+        if policy == "reuse":
+            log.warning("%s; reused as stage.on_change=reuse says", what)
+            return True
+        if policy == "error":
+            raise ConfigError(f"{what}. Set stage.on_change=rerun to run it again or stage.on_change=reuse "
+                              "to keep it")
+        aside = sdir.with_name(f"{sdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        sdir.rename(aside)
+        log.warning("%s; running it again (the old one moved to %s; stage.on_change=reuse keeps it instead)",
+                    what, aside)
+        return False
+    log.info("stage=%s already finished with this config (%s): skipped", stage, sdir)
+    return True
+
+
 def run_chain(cfg, stages, root: Path, done: dict, extra: list[str] = ()) -> dict:
     """Run `stages` in order under `root`, each from the outputs in `done` (updated in place)."""
     from lit_modules.runner import run_stage
 
+    policy = str(cfg.stage.get("on_change", "rerun"))
+    if policy not in ("rerun", "reuse", "error"):
+        raise ConfigError(f"stage.on_change={policy}: choose rerun, reuse or error")
     for stage in stages:
         sdir = root / stage
-        res_file = sdir / "results.json"
-        if res_file.exists():
-            log.info("stage=%s already finished (%s): skipped", stage, res_file)
-            done[stage] = json.loads(res_file.read_text())
-            continue
         sub = compose_stage(cfg, stage, [f"paths.output_dir={sdir}", *_links(stage, done), *extra])
         if sub.stage.kind == "all":
             raise ConfigError("stage.stages may not contain 'all'")
+        fp = fingerprint(sub)
+        if _finished(stage, sdir, fp, policy):
+            done[stage] = json.loads((sdir / "results.json").read_text())
+            continue
         log.info("==== stage=%s -> %s", stage, sdir)
         done[stage] = run_stage(sub)
+        # taken again now that the stage's inputs surely exist (the first writes the synthetic set)
+        (sdir / FINGERPRINT).write_text(json.dumps(fingerprint(sub), indent=1))
     return done
 
 
@@ -87,6 +164,13 @@ def run_all(cfg) -> dict:
         if "eval" in control:
             metrics["baseline/shuffled_CIDEr"] = control["eval"]["metrics"].get("test/CIDEr")
             summary["shuffled"] = {"metrics": control["eval"].get("metrics", {}), "best": {}}
+    if cfg.stage.get("t2i", True) and final and "eval" in stages:  # +stage.t2i=false skips it
+        # text-to-image of the final model on the test captions: the pictures read back from the pixels
+        # (synthetic set) and captioned by the model itself (any set); lit_modules/evaluate.py t2i_eval
+        t2i = run_chain(cfg, ["eval"], root / "t2i", {s: r for s, r in done.items() if s != "eval"}, ["task=t2i"])
+        if "eval" in t2i:
+            metrics.update({k: v for k, v in t2i["eval"]["metrics"].items() if k.startswith("test/t2i")})
+            summary["t2i"] = {"metrics": t2i["eval"].get("metrics", {}), "best": {}}
     print_table(summary)
     return {"global_step": sum(int(r.get("global_step", 0)) for r in done.values()), "metrics": metrics,
             "best": {}, "stages": summary, "stage_dirs": {s: str(root / s) for s in done}, "checkpoints": {}}

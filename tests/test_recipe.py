@@ -27,25 +27,54 @@ def test_short_recipe_hands_outputs_on(tmp_path, run_env):
     r = subprocess.run(args, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
     res = json.loads((out / "results.json").read_text())
-    assert set(res["stages"]) == {"bidiffuser", "extract", "pretrain", "instruct", "eval"}
+    assert {"bidiffuser", "extract", "pretrain", "instruct", "eval"} <= set(res["stages"])
     assert "test/CIDEr" in res["metrics"]
-    # each stage started from the previous one's output
+    # each stage started from the previous one's output, and says how many tensors it loaded from it
     bd = json.loads((out / "bidiffuser" / "results.json").read_text())
     weights = bd["artifacts"]["bidiffuser_weights"]
-    ex_cfg = (out / "extract" / ".." / "extract").resolve()
-    assert (ex_cfg / "shards" / "manifest.json").exists()
-    pre = (out / "pretrain" / "results.json").read_text()
+    ex = json.loads((out / "extract" / "results.json").read_text())
+    pre = json.loads((out / "pretrain" / "results.json").read_text())
     inst = json.loads((out / "instruct" / "results.json").read_text())
     ev = json.loads((out / "eval" / "results.json").read_text())
-    assert json.loads(pre)["global_step"] == 4 and inst["global_step"] == 4
+
+    def loaded(res, key):
+        return {e["path"]: e["tensors"] for e in res.get("loaded", []) if e["key"] == key}
+
+    assert loaded(ex, "model.bidiffuser.weights") == {weights: loaded(ex, "model.bidiffuser.weights")[weights]}
+    assert loaded(ex, "model.bidiffuser.weights")[weights] > 10
+    # pretrain read the extracted shards (its fingerprint records the resolved data config and the files)
+    pre_fp = json.loads((out / "pretrain" / "fingerprint.json").read_text())
+    assert pre_fp["data.train.0.urls"] == f"{ex['artifacts']['shards']}/train/*.tar"
+    assert pre_fp["data.train.0.urls (files)"] != "absent"
+    assert set(loaded(inst, "init_from")) == {pre["artifacts"]["weights"]}
+    assert set(loaded(ev, "init_from")) == {inst["artifacts"]["weights"]}
+    assert min(loaded(inst, "init_from").values()) > 2 and min(loaded(ev, "init_from").values()) > 2
+    assert pre["global_step"] == 4 and inst["global_step"] == 4
     assert ev["num_samples"] == 8  # the synthetic test split of n=80
-    assert weights.endswith("bidiffuser.safetensors")
     predictions = json.loads((out / "eval" / "predictions.json").read_text())
     assert len(predictions) == 8 and {"image_id", "caption"} <= set(predictions[0])
-    # a rerun finds every stage finished and only rebuilds the summary
+    # the same eval on a freshly initialised model captions otherwise: eval used the trained weights
+    fresh_dir = tmp_path / "fresh"
+    fresh = [sys.executable, "run.py", "stage=eval", *SHORT[:4], "logger=none", f"paths.data_dir={tmp_path}/data",
+             f"hydra.run.dir={fresh_dir}"]
+    r_fresh = subprocess.run(fresh, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600)
+    assert r_fresh.returncode == 0, r_fresh.stderr[-3000:]
+    fresh_preds = json.loads((fresh_dir / "predictions.json").read_text())
+    assert [p["caption"] for p in fresh_preds] != [p["caption"] for p in predictions]
+    # a rerun finds every stage finished with the same config and only rebuilds the summary
     r2 = subprocess.run(args, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert r2.stderr.count("already finished") + r2.stdout.count("already finished") == 5
+    assert (r2.stderr + r2.stdout).count("already finished with this config") == len(res["stages"])
+    # a rerun with another instruct setting runs instruct and eval again (their inputs changed), not the rest
+    changed = [a if "overrides.instruct" not in a else "+stage.overrides.instruct=['trainer.max_steps=6']"
+               for a in args]
+    r3 = subprocess.run(changed, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    log3 = r3.stderr + r3.stdout
+    assert log3.count("already finished with this config") == 3, log3[-3000:]
+    assert "trainer.max_steps: 4 -> 6" in log3
+    assert json.loads((out / "instruct" / "results.json").read_text())["global_step"] == 6
+    assert len(list(out.glob("instruct.replaced-*"))) == 1 and len(list(out.glob("eval.replaced-*"))) == 1
 
 
 @pytest.mark.slow
