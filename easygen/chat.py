@@ -236,9 +236,9 @@ def repl(
 
     say("EasyGen chat. /image PATH attaches a picture, /draw PROMPT draws one, /help lists the commands.\n")
     while True:
-        say("USER: ")
-        stdout.flush()
-        try:
+        try:  # Ctrl-C while the prompt is being written counts as at the prompt too
+            say("USER: ")
+            stdout.flush()
             line = stdin.readline()
         except KeyboardInterrupt:
             say("\n(chat ended)\n")
