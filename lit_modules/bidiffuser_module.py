@@ -82,6 +82,7 @@ class BiDiffuserModule(pl.LightningModule):
         self.ema = None
         self.ema_uvit = None
         self.rng = random.Random(int(cfg.get("seed", 0)))
+        self._worker_rng: tuple[int, random.Random] | None = None
         self.members = ShardMembers()
         self.last_batch_size = 0
         self.last_num_tokens = 0
@@ -104,7 +105,8 @@ class BiDiffuserModule(pl.LightningModule):
                     "or set stage.encoder_source=auto"
                 )
             outputs = None
-        picks = [self.rng.randrange(len(s["captions"])) for s in samples]
+        rng = self.pick_rng()
+        picks = [rng.randrange(len(s["captions"])) for s in samples]
         batch = {
             "ids": [s.get("id", "?") for s in samples],
             "captions": [s["captions"][i] for s, i in zip(samples, picks)],
@@ -120,6 +122,18 @@ class BiDiffuserModule(pl.LightningModule):
             np.stack([o["text_latents"][i] for o, i in zip(outputs, picks)])
         ).float()
         return batch
+
+    def pick_rng(self) -> random.Random:
+        """The generator that draws each sample's caption. `collate` runs in the DataLoader workers when
+        `data.num_workers` > 0, each on a forked copy of this module: `self.rng` would then repeat the same
+        draws in every worker (every worker's n-th batch takes the same caption indices). A worker draws
+        from its own generator, seeded by the per-worker seed torch gives it (`seed_everything` fixes it)."""
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return self.rng
+        if self._worker_rng is None or self._worker_rng[0] != info.seed:
+            self._worker_rng = (info.seed, random.Random(info.seed))
+        return self._worker_rng[1]
 
     def _check_encoder_outputs(self, sample: dict, out: dict) -> None:
         """Shapes against the U-ViT being trained; an error names the shard, key and member."""
