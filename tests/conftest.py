@@ -55,6 +55,15 @@ def compose_at(data_dir, out, overrides=()):
     return cfg
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: the tiny models gain nothing from more, and a shared CPU makes two spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def run_env(tmp_path):
     """Environment for subprocess runs of run.py: offline W&B, no hub, data and logs under tmp_path."""
