@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -117,3 +119,15 @@ def test_optuna_search_maximises_cider(tmp_path, run_env):
         assert abs(trial["optimizer_lr"]["decay"] - lr) < 1e-12  # the LoRA matrices' group
     # the value Optuna maximised is the trials' best val/CIDEr
     assert best["best_value"] == max(t["best"]["val/CIDEr"] for t in trials)
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_the_sweep(tmp_path, run_env):
+    """`hydra/launcher=submitit_local`: the SLURM launcher's local executor runs each job in its own process
+    (as SLURM would), and the jobs find the same data/ and logs/ under the directory the command started in."""
+    _run(["-m", "hydra/launcher=submitit_local", "optim.lr=1e-3,1e-4", "debug=smoke", "logger=csv"], run_env,
+         tmp_path)
+    (sweep,) = list((tmp_path / "logs" / "pretrain" / "multiruns").iterdir())
+    results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
+    assert [r["optimizer_lr"] for r in results] == [{"projector": 1e-3}, {"projector": 1e-4}]
+    assert list((sweep / ".submitit").glob("*/*_submitted.pkl")), "the jobs did not go through submitit"
