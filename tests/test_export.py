@@ -203,4 +203,5 @@ def test_stage_eval_runs_on_the_export(lora_run):
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads((ev / "results.json").read_text())
     assert res["num_samples"] == 8 and "test/CIDEr" in res["metrics"]
-    assert "loaded 4 tensors" in r.stderr
+    (load,) = [e for e in res["loaded"] if e["key"] == "init_from"]  # the export's trained weights were used
+    assert load["path"].endswith("trained.safetensors") and load["tensors"] >= 4
