@@ -119,6 +119,7 @@ def _worker(rank: int, world: int, port: int, data_dir: str, out: str, lora: boo
                     }
                 )
             )
+        dist.barrier()  # both ranks done with their collectives before the group goes (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
 
