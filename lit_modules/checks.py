@@ -4,8 +4,10 @@ reported together so that one try shows everything to fix."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from lit_modules.errors import ConfigError
@@ -148,20 +150,13 @@ def validate(cfg) -> None:
         raise ConfigError("\n       ".join(problems))
 
 
-class ValidateBeforeLaunch:
+class ValidateBeforeLaunch(Callback):
     """Hydra callback (`hydra.callbacks`): in a multirun, check the config before the sweeper or a launcher
     (SLURM) starts any job, so that a missing path fails in one line on the login node, not in every job."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        import sys
-
         try:
             validate(config)
         except ConfigError as e:
             sys.stderr.write(f"error: {e}\n")
             raise SystemExit(2) from None
-
-    def __getattr__(self, name):  # Hydra calls every hook by name; the others do nothing
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
