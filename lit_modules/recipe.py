@@ -58,13 +58,13 @@ VOLATILE = ("paths.", "logger.", "callbacks.", "task_name", "tags", "ckpt_path",
 FINGERPRINT = "fingerprint.json"
 
 
-def _flat(node, prefix: str = "") -> dict:
+def flatten(node, prefix: str = "") -> dict:
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
     if items is None or not node:
         return {prefix[:-1]: node}
     out = {}
     for k, v in items:
-        out.update(_flat(v, f"{prefix}{k}."))
+        out.update(flatten(v, f"{prefix}{k}."))
     return out
 
 
@@ -80,7 +80,7 @@ def _file_identity(pattern: str) -> str:
 
 def fingerprint(sub) -> dict:
     """The stage's resolved config without its volatile keys, with each input file's identity beside it."""
-    flat = _flat(OmegaConf.to_container(sub, resolve=True))
+    flat = flatten(OmegaConf.to_container(sub, resolve=True))
     out = {k: v for k, v in flat.items() if not k.startswith(VOLATILE)}
     inputs = [k for k in out if k in ("init_from", "model.bidiffuser.weights", "data.val", "data.test")
               or (k.startswith("data.train") and k.endswith(".urls"))]

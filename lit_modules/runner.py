@@ -253,7 +253,7 @@ RESUME_KEYS = ("model.", "lora.", "stage.module", "stage.train_llm", "stage.trai
 def check_resume(cfg, ckpt: str) -> None:
     """Resuming under other model, LoRA or trainable-part settings than the checkpoint was saved with fails
     deep inside the optimizer's state loading; say which settings differ instead, and how to restore them."""
-    from lit_modules.recipe import differences
+    from lit_modules.recipe import differences, flatten
     from lit_modules.strategies import META_FILENAME
 
     path = Path(ckpt)
@@ -264,9 +264,7 @@ def check_resume(cfg, ckpt: str) -> None:
         return
 
     def flat(c):
-        from lit_modules.recipe import _flat
-
-        return {k: v for k, v in _flat(c).items() if k.startswith(RESUME_KEYS)}
+        return {k: v for k, v in flatten(c).items() if k.startswith(RESUME_KEYS)}
 
     diff = differences(flat(saved), json.loads(json.dumps(flat(container(cfg)), default=str)))
     if diff:
