@@ -20,6 +20,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from easygen.errors import ConfigError
+from easygen.stages.run import finish_wandb, print_summary, run_stage
+
 CONF = Path(__file__).resolve().parent / "conf"
 
 
@@ -47,35 +50,16 @@ def with_env_switches(argv: list[str]) -> list[str]:
     return argv
 
 
-def with_recipe(cfg: DictConfig) -> DictConfig:
-    """Apply the experiment's per-stage overrides (`recipe.<stage>`) by composing again, user overrides last."""
-    from hydra import compose
-
-    from lit_modules.runner import hydra_overrides
-
-    entries = list((cfg.get("recipe") or {}).get(str(cfg.stage.name)) or [])
-    if not entries or cfg.stage.kind == "all":
-        return cfg
-    user = hydra_overrides()
-    user_keys = {o.split("=", 1)[0].lstrip("+~") for o in user}
-    extra = [e for e in entries if e.split("=", 1)[0].lstrip("+~") not in user_keys]
-    return compose(config_name="config", overrides=extra + user)
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from lit_modules.errors import ConfigError
-    from lit_modules.runner import finish_wandb, print_summary, run_stage
-
     try:
-        cfg = with_recipe(cfg)
         results = run_stage(cfg)
     except ConfigError as e:
         sys.stderr.write(f"error: {e}\n")
         finish_wandb()
         raise SystemExit(2) from None
     finish_wandb()
-    if int(os.environ.get("RANK", "0")) == 0 and results.get("stage") != "chat":
+    if results.get("stage") not in ("chat", "serve"):
         print_summary(results)
     metric = cfg.get("optimized_metric")
     if metric:

@@ -38,12 +38,12 @@ import json
 import multiprocessing
 import os
 import re
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -394,39 +394,58 @@ def reason_kind(reason: str) -> str:
 
 
 class _SplitWriter:
-    """Writes ``<out>/<split>/shard-%06d.tar`` with at most ``shard_size`` samples each."""
+    """``<out>/<split>/shard-%06d.tar`` with at most ``shard_size`` samples each, through webdataset's
+    ``ShardWriter``. Each shard is written as ``shard-%06d.tar.tmp`` and renamed when complete (ShardWriter's
+    ``post`` hook), so that a crashed conversion leaves no partial ``.tar`` for the readers of
+    data_modules/shards.py, which take ``*.tar``."""
 
     def __init__(self, out: Path, split: str, shard_size: int):
-        self.dir = out / split
-        self.dir.mkdir(parents=True, exist_ok=True)
+        directory = out / split
+        directory.mkdir(parents=True, exist_ok=True)
         self.split = split
-        self.shard_size = shard_size
         self.counts: dict[str, int] = {}
-        self.tar: tarfile.TarFile | None = None
-        self.name = ""
+        self.file: io.BufferedWriter | None = None
+        self.writer = wds.ShardWriter(
+            os.path.join(str(directory).replace("%", "%%"), "shard-%06d.tar.tmp"),
+            maxcount=shard_size,
+            maxsize=float("inf"),
+            post=self._complete,
+            verbose=0,
+            opener=self._open,
+            # fixed metadata and no encoding (the members are bytes already): the same input gives
+            # byte-identical shards
+            encoder=False,
+            user="",
+            group="",
+            mtime=0,
+        )
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
-        if self.tar is None or self.counts[self.name] >= self.shard_size:
-            self._open_next()
-        # Fixed metadata so the same input gives byte-identical shards.
-        for ext in sorted(members):
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(members[ext]), 0, 0o444
-            self.tar.addfile(info, io.BytesIO(members[ext]))
-        self.counts[self.name] += 1
+        self.writer.write({"__key__": key, **members})
+        name = f"{self.split}/{Path(self.writer.fname).name.removesuffix('.tmp')}"
+        self.counts[name] = self.counts.get(name, 0) + 1
 
-    def _open_next(self) -> None:
-        self.close()
-        self.name = f"{self.split}/shard-{len(self.counts):06d}.tar"
-        self.counts[self.name] = 0
-        self.tar = tarfile.open(self.dir / f"{Path(self.name).name}.tmp", "w", format=tarfile.USTAR_FORMAT)
+    # A plain open() rather than webdataset's gopen (which rewrites URLs from the environment); the tar
+    # writer does not close a file it was handed, so the post hook does, before the rename.
+    def _open(self, tmp: str) -> io.BufferedWriter:
+        self.file = open(tmp, "wb")  # closed in _complete or abort
+        return self.file
+
+    def _complete(self, tmp: str) -> None:
+        self.file.close()
+        os.replace(tmp, tmp.removesuffix(".tmp"))
 
     def close(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
-            tmp = self.dir / f"{Path(self.name).name}.tmp"
-            os.replace(tmp, self.dir / Path(self.name).name)
-            self.tar = None
+        self.writer.close()
+
+    def abort(self) -> None:
+        """Close without completing the shard being written: its ``.tmp`` is removed."""
+        self.writer.post = None
+        try:
+            self.writer.close()
+        finally:
+            self.file.close()
+            Path(self.writer.fname).unlink(missing_ok=True)
 
 
 def convert(
@@ -500,12 +519,16 @@ def convert(
             if prepared.split not in writers:
                 writers[prepared.split] = _SplitWriter(out, prepared.split, shard_size)
             writers[prepared.split].write(prepared.key, prepared.members)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-        for writer in writers.values():
-            writer.close()
+    for writer in writers.values():
+        writer.close()
 
     splits = {
         name: {"samples": sum(w.counts.values()), "shards": dict(w.counts)}

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import TextStreamer
 
 from easygen.images import load_image_file
 from easygen.templates import IMAGE_MARKER, encode, render
@@ -186,22 +187,24 @@ class ChatSession:
         return paths
 
 
-class _Streamer:
-    """Prints text as tokens arrive (transformers' streamer protocol: put / end)."""
+class _Streamer(TextStreamer):
+    """transformers' ``TextStreamer`` (which decodes the tokens as they arrive and hands on whole words)
+    sending its text to ``on_text`` instead of stdout."""
 
     def __init__(self, tokenizer, on_text):
-        self.tok, self.on_text, self.ids, self.shown = tokenizer, on_text, [], 0
+        # skip_prompt: generate first puts the prompt's ids (none here: the prompt goes in as embeddings)
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text, self.started = on_text, False
 
-    def put(self, value):
-        self.ids += value.reshape(-1).tolist()
-        # the answer's first token carries its leading space ("ASSISTANT: a ..."); the prompt already has one
-        text = self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
-        if len(text) > self.shown:
-            self.on_text(text[self.shown :])
-            self.shown = len(text)
-
-    def end(self):
-        self.on_text("\n")
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if not self.started:
+            # the answer's first token carries its leading space ("ASSISTANT: a ..."); the prompt has one
+            text = text.lstrip()
+            self.started = bool(text)
+        if text:
+            self.on_text(text)
+        if stream_end:
+            self.on_text("\n")
 
 
 class _AnswerPrinter:

@@ -12,7 +12,8 @@ Layout of an export folder::
 
 ``export_model`` writes it from built models; ``load_export`` reads it back as an ``EasyGen`` with its
 tokenizer, using transformers' ``from_pretrained`` and nothing of this project's training side. Building
-the models from a training checkpoint's config is the config layer's job (``lit_modules.export``).
+the models from a training checkpoint's config is the config layer's job (``easygen.stages.export``, also the command-line front end:
+``python -m easygen.stages.export CKPT OUT``).
 """
 
 from __future__ import annotations
@@ -154,14 +155,3 @@ def load_export(
     model = EasyGen(llm, projector.to(llm.dtype), tokenizer=tokenizer)
     return model.to(device).eval(), tokenizer
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m easygen.export CKPT OUT`: the command-line front end, which rebuilds the models from the
-    checkpoint's config (the config glue lives beside the LightningModules, so it is imported by name)."""
-    import importlib
-
-    return importlib.import_module("lit_modules.export").main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -86,6 +86,6 @@ class Projector(nn.Module):
             features = (features - self.feature_mean.to(features.dtype)) / self.feature_std.to(features.dtype)
         out = self.fc2(self.act(self.fc1(features)))
         # nn.Linear on a [..., L, C] input returns a view of its 2-D product; under FSDP2 the projector is
-        # a unit of its own (lit_modules/fsdp.py) and a view as a unit's output can lose the pre-backward
+        # a unit of its own (easygen/lit/fsdp.py) and a view as a unit's output can lose the pre-backward
         # hook to a later in-place op, so a tensor of its own is returned (same values)
         return out.clone() if out._base is not None else out

@@ -50,7 +50,7 @@ def linear_probe(train: torch.Tensor, val: torch.Tensor, attrs_train, attrs_val,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lit_modules.builders import build_bidiffuser
+    from easygen.factories import build_bidiffuser
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="a synthetic set's root (train/ and val/ shards)")

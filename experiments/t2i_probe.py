@@ -14,7 +14,7 @@ from pathlib import Path
 
 from data_modules.shards import ShardIndexDataset
 from data_modules.synthetic_reader import attribute_accuracy, parse_caption, read_picture
-from lit_modules.builders import build_bidiffuser
+from easygen.factories import build_bidiffuser
 
 
 def main(argv=None):

@@ -17,7 +17,7 @@ def _samples(n: int) -> list[dict]:
 
 
 def _module():
-    from lit_modules.bidiffuser_module import BiDiffuserModule
+    from easygen.lit.bidiffuser_module import BiDiffuserModule
 
     # online targets: collate stacks the pixels and draws one caption per sample, nothing else
     return BiDiffuserModule({"seed": 0, "stage": {"encoder_source": "online"}, "model": {}})

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -37,8 +38,8 @@ def trained(tmp_path_factory, one_thread):
     """A picture file and tiny EasyGen weights (LLM + projector) that learned two chat-with-pictures samples."""
     from easygen.checkpoint import save_state_dict_file
     from easygen.images import load_image_file
-    from lit_modules.easygen_module import EasyGenModule
-    from lit_modules.runner import container
+    from easygen.lit.easygen_module import EasyGenModule
+    from easygen.stages.common import container
 
     tmp = tmp_path_factory.mktemp("chat")
     cfg = compose(
@@ -207,8 +208,8 @@ def test_one_shot_with_image_and_missing_image(trained, run_env):
     (turn,) = json.loads((out / "transcript.json").read_text())
     assert turn["assistant"] == CAPTION and turn["pictures"] == []
     # a missing picture stops the stage with the key's name before any model is built
-    from lit_modules.chat_stage import chat_stage
-    from lit_modules.errors import ConfigError
+    from easygen.errors import ConfigError
+    from easygen.stages.chat import chat_stage
 
     cfg = compose([*SMALL, "stage=chat", "stage.prompt=hello", f"stage.image={tmp}/nope.png", *SAFE_PATHS])
     with pytest.raises(ConfigError, match=r"stage\.image=.*nope\.png"):
@@ -218,7 +219,7 @@ def test_one_shot_with_image_and_missing_image(trained, run_env):
 def test_chat_session_streams_and_resets(trained):
     """In-process: a text-only turn, then the streamed text equals the returned answer."""
     from easygen.chat import ChatSession
-    from lit_modules.chat_stage import build_session
+    from easygen.stages.chat import build_session
 
     tmp = trained["tmp"]
     cfg = compose(
@@ -278,7 +279,10 @@ def test_one_shot_bad_picture_is_one_line_naming_the_file(tmp_path, run_env, wha
         bad.write_text("root:x:0:0:root:/root:/bin/bash\n")
         why = "is not a picture PIL can read"
     else:
-        full = _picture(tmp_path / "full.jpg", fmt="JPEG").read_bytes()
+        # a noisy picture: its JPEG data runs well past the headers, so half of it is a picture cut short
+        noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(tmp_path / "full.jpg", format="JPEG")
+        full = (tmp_path / "full.jpg").read_bytes()
         bad = tmp_path / "cut.jpg"
         bad.write_bytes(full[: len(full) // 2])
         why = "is a damaged or truncated picture"
@@ -351,8 +355,8 @@ def test_scripted_session_commands_bad_picture_and_long_history(tmp_path, run_en
 def test_history_trimming_keeps_the_picture(tmp_path):
     """In-process: questions about one picture past the context; every prompt fits max_length, the oldest
     exchanges go, the picture's marker stays on the oldest question kept and its features stay in use."""
+    from easygen.stages.chat import build_session
     from easygen.templates import IMAGE_MARKER
-    from lit_modules.chat_stage import build_session
 
     cfg = compose(
         [

@@ -11,14 +11,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lit_modules.errors import ConfigError
+from easygen.errors import ConfigError
 from tests.conftest import CONF, ROOT, compose_resolved
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("local", "paths", "hydra"))
 
 
 def choices(group):
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """The group's options, those in sub-folders too (`experiment=easygen_vicuna7b/instruct`)."""
+    return sorted(p.relative_to(CONF / group).with_suffix("").as_posix() for p in (CONF / group).rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])
@@ -33,8 +34,8 @@ def test_every_group_choice_composes(group, choice):
 
 @pytest.mark.parametrize("experiment", choices("experiment"))
 def test_every_experiment_composes_and_instantiates_on_meta(experiment):
-    from lit_modules.builders import meta_models
-    from lit_modules.strategies import build_strategy
+    from easygen.factories import meta_models
+    from easygen.stages.checks import validate
 
     cfg = compose_resolved([f"experiment={experiment}"])
     # the paper's paths are required (???) until a user sets them
@@ -48,13 +49,21 @@ def test_every_experiment_composes_and_instantiates_on_meta(experiment):
     for _name, cb in cfg.callbacks.items():
         if cb is not None:
             instantiate(OmegaConf.merge(cb, {"dirpath": "/tmp/ckpt"} if "dirpath" in cb else {}))
-    # recipes ask for GPUs: on a CPU machine that is a one-line configuration error
+    if cfg.strategy._target_.endswith(("DDPStrategy", "FSDP2Strategy")):
+        instantiate(cfg.strategy)
+    # recipes ask for GPUs: on a CPU machine that is a configuration error naming the key
     if not torch.cuda.is_available() and cfg.trainer.accelerator == "gpu":
-        with pytest.raises(ConfigError, match="trainer.accelerator"):
-            build_strategy(cfg.strategy, cfg.trainer)
-    for stage, entries in (cfg.get("recipe") or {}).items():
-        staged = compose_resolved([f"experiment={experiment}", f"stage={stage}", *entries])
-        assert staged.stage.name == stage
+        with pytest.raises(ConfigError, match="trainer.accelerator=gpu"):
+            validate(cfg)
+    # a paper recipe's stage is composed from its own file, which names the stage; that stage's settings
+    # differ from the whole recipe's; the whole recipe run as one stage is refused, naming the file to use
+    name, stage = cfg.recipe.name, cfg.recipe.stage
+    if name and stage:
+        assert experiment == f"{name}/{stage}" and cfg.stage.name == stage
+    elif name:
+        assert cfg.stage.name == "all" and (CONF / "experiment" / name).is_dir()
+        with pytest.raises(ConfigError, match=f"experiment={name}/pretrain"):
+            validate(compose_resolved([f"experiment={experiment}", "stage=pretrain"]))
 
 
 def test_unknown_choice_is_one_line():
@@ -117,7 +126,7 @@ def test_synthetic_root_that_does_not_exist(tmp_path):
     (problem,) = _errors(r.stderr)
     assert f"data.root={target} does not exist" in problem and "data.synthetic.write=true" in problem
     assert not target.exists()
-    from lit_modules.checks import validate
+    from easygen.stages.checks import validate
 
     validate(compose_resolved([f"data.root={target}", "data.synthetic.write=true"]))  # no error: it may write
     with pytest.raises(ConfigError, match="data.root"):
@@ -127,7 +136,7 @@ def test_synthetic_root_that_does_not_exist(tmp_path):
 def test_resume_under_other_settings_names_them(tmp_path):
     """A checkpoint of a lora=on run resumed without lora=on: the settings that differ, not an optimizer
     traceback; with the same settings it passes."""
-    from lit_modules.runner import check_resume
+    from easygen.stages.checkpoints import check_resume
 
     on = compose_resolved(["stage=instruct", "lora=on"])
     ckpt = tmp_path / "last.ckpt"
@@ -166,14 +175,12 @@ def test_data_path_without_shards_fails_early(tmp_path):
 def test_validation_steps_divide_max_steps():
     """stage.val_every becomes a validation interval that divides max_steps (so the last step is scored),
     including when it is larger than the run."""
-    from omegaconf import OmegaConf
-
-    from lit_modules.runner import trainer_kwargs
+    from easygen.stages.build import validation_schedule
 
     def interval(max_steps, every):
         cfg = OmegaConf.create({"trainer": {"max_steps": max_steps, "val_check_interval": None,
                                             "check_val_every_n_epoch": None}, "stage": {"val_every": every}})
-        return trainer_kwargs(cfg)["val_check_interval"]
+        return validation_schedule(cfg)["val_check_interval"]
 
     assert interval(1500, 500) == 500
     assert interval(1000, 300) == 500  # the next divisor up

@@ -14,15 +14,14 @@ from easygen.bidiffuser.autoencoder import (
     TINY_COLOUR_GAIN,
     TINY_NORM_GROUPS,
     decode,
-    diffusers_to_ldm_state_dict,
     encode_moments,
-    ldm_to_diffusers_state_dict,
     load_autoencoder,
     sample_latent,
     set_tiny_weights,
     tiny_autoencoder,
 )
 from easygen.bidiffuser.clip import ClipImageEncoder, ClipTextEncoder
+from tests.ldm_vae import diffusers_to_ldm_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +57,14 @@ def test_ldm_names_are_the_ldm_layout(vae):
     assert not any("down_blocks" in k or "up_blocks" in k or "mid_block" in k for k in ldm)
 
 
-def test_ldm_conversion_matches_diffusers_converter(vae):
+def test_ldm_names_are_the_inverse_of_diffusers_converter(vae, ldm_pth):
+    """tests/ldm_vae.py's map followed by diffusers' converter (what the loader runs) gives every tensor back."""
     ldm = diffusers_to_ldm_state_dict(vae.state_dict(), num_levels=4)
-    ours = ldm_to_diffusers_state_dict(ldm, num_levels=4)
-    theirs = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
-    assert set(ours) == set(theirs) == set(vae.state_dict())
-    for k in ours:
-        assert torch.equal(ours[k], theirs[k]), k
+    back = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
+    loaded = load_autoencoder(ldm_pth, norm_num_groups=TINY_NORM_GROUPS).state_dict()
+    assert set(back) == set(loaded) == set(vae.state_dict())
+    for k, v in vae.state_dict().items():
+        assert torch.equal(back[k], v) and torch.equal(loaded[k], v), k
 
 
 def test_ldm_checkpoint_loads_exactly(vae, ldm_pth):

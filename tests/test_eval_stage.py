@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lit_modules.evaluate import prediction_rows
+from easygen.stages.evaluate import prediction_rows
 from tests.conftest import ROOT
 from tests.test_metrics import tiny_clip  # noqa: F401  (fixture)
 

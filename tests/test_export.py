@@ -1,4 +1,4 @@
-"""Export: a LoRA instruct checkpoint (adapters + projector only) -> `python -m lit_modules.export`
+"""Export: a LoRA instruct checkpoint (adapters + projector only) -> `python -m easygen.stages.export`
 -> a folder that a fresh process loads with transformers alone and that gives the same logits as the
 checkpoint; its U-ViT file is in UniDiffuser's key format; `stage=eval` accepts its config; a sharded
 checkpoint consolidates to one file."""
@@ -78,7 +78,7 @@ def lora_run(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-4000:]
     out = tmp / "exported"
     r = subprocess.run(
-        [sys.executable, "-m", "lit_modules.export", str(run / "checkpoints" / "last.ckpt"), str(out)],
+        [sys.executable, "-m", "easygen.stages.export", str(run / "checkpoints" / "last.ckpt"), str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -90,8 +90,8 @@ def lora_run(tmp_path_factory):
 
 
 def test_export_loads_in_a_fresh_process_with_the_same_logits(lora_run):
-    from lit_modules.consolidate import load_full_checkpoint
-    from lit_modules.export import module_from_checkpoint
+    from easygen.stages.consolidate import load_full_checkpoint
+    from easygen.stages.export import module_from_checkpoint
 
     tmp, run, out, env = lora_run
     ckpt = load_full_checkpoint(run / "checkpoints" / "last.ckpt")
@@ -144,8 +144,8 @@ def test_export_loads_in_a_fresh_process_with_the_same_logits(lora_run):
 def test_export_writes_unidiffuser_uvit_and_a_config_the_stages_accept(lora_run):
     from easygen.bidiffuser import load_uvit
     from easygen.checkpoint import load_state_dict_file
-    from lit_modules.consolidate import load_full_checkpoint
-    from lit_modules.export import module_from_checkpoint
+    from easygen.stages.consolidate import load_full_checkpoint
+    from easygen.stages.export import module_from_checkpoint
 
     tmp, run, out, env = lora_run
     module = module_from_checkpoint(load_full_checkpoint(run / "checkpoints" / "last.ckpt"))

@@ -60,9 +60,9 @@ def npy(data: bytes) -> np.ndarray:
 
 
 def test_features_fp16_and_resume(data_dir, tmp_path):
-    from lit_modules.builders import build_bidiffuser
-    from lit_modules.extract import extract_stage
-    from lit_modules.runner import container
+    from easygen.factories import build_bidiffuser
+    from easygen.stages.common import container
+    from easygen.stages.extract import extract_stage
 
     cfg = make_cfg(data_dir, tmp_path / "run")
     res = extract_stage(cfg)
@@ -109,7 +109,7 @@ def test_features_fp16_and_resume(data_dir, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
     # a restart with other settings into the same folder is refused, naming the key to change
-    from lit_modules.errors import ConfigError
+    from easygen.errors import ConfigError
 
     with pytest.raises(ConfigError, match="stage.out_dir"):
         extract_stage(make_cfg(data_dir, tmp_path / "run", ["stage.dtype=float32"]))
@@ -118,7 +118,7 @@ def test_features_fp16_and_resume(data_dir, tmp_path):
 def test_corrupt_image_skipped_and_listed(data_dir, tmp_path):
     """A shard with an undecodable picture: the sample is dropped, the rest of the shard is written, and the
     manifest lists the shard, key and reason."""
-    from lit_modules.extract import extract_stage
+    from easygen.stages.extract import extract_stage
 
     src_root = tmp_path / "src"
     (src_root / "train").mkdir(parents=True)
@@ -156,10 +156,10 @@ def test_corrupt_image_skipped_and_listed(data_dir, tmp_path):
 
 def test_encoder_outputs(data_dir, tmp_path):
     """`stage.what=encoders`: VAE moments, CLIP image embedding and one text latent per caption, fp16."""
+    from easygen.factories import build_bidiffuser
     from easygen.images import load_image
-    from lit_modules.builders import build_bidiffuser
-    from lit_modules.extract import extract_stage
-    from lit_modules.runner import container
+    from easygen.stages.common import container
+    from easygen.stages.extract import extract_stage
 
     cfg = make_cfg(data_dir, tmp_path / "run", ["stage.what=encoders"])
     out = Path(extract_stage(cfg)["artifacts"]["shards"])
@@ -184,7 +184,7 @@ def test_encoder_outputs(data_dir, tmp_path):
 def test_ranks_split_shards(data_dir, tmp_path, monkeypatch):
     """RANK 0 then RANK 1 of WORLD_SIZE 2 (the environment a launcher sets, no process group): every
     second shard each, and the manifest after the second lists both ranks' shards."""
-    from lit_modules.extract import extract_stage
+    from easygen.stages.extract import extract_stage
 
     cfg = make_cfg(data_dir, tmp_path / "run")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -1,4 +1,4 @@
-"""FSDP2 (`strategy=fsdp`, lit_modules/fsdp.py) on 2 CPU processes (gloo): the gradients of every trained
+"""FSDP2 (`strategy=fsdp`, easygen/lit/fsdp.py) on 2 CPU processes (gloo): the gradients of every trained
 tensor after one backward equal a single process's on the same batch, and no FSDP unit returns a view
 tensor (FSDP2 then warns that an in-place op on it can skip its all-gather and give wrong gradients)."""
 
@@ -26,13 +26,13 @@ OVERRIDES = [
 
 
 def _module(data_dir: str, lora: bool):
-    from lit_modules.runner import build_module
+    from easygen.stages.build import lightning_module
     from tests.conftest import compose_at
 
     extra = ["lora=on", "lora.dropout=0.0"] if lora else ["lora=off"]  # dropout draws differ per process
     cfg = compose_at(data_dir, f"{data_dir}/out", [*OVERRIDES, *extra])
     torch.manual_seed(0)
-    module = build_module(cfg)
+    module = lightning_module(cfg)
     module.fit_standardizer_on_configure = False  # no data needed: the statistics stay the identity
     module.configure_model()
     g = torch.Generator().manual_seed(3)
@@ -81,7 +81,7 @@ def _loss(model, b, rows):
 def _worker(rank: int, world: int, port: int, data_dir: str, out: str, lora: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lit_modules.fsdp import shard_easygen
+    from easygen.lit.fsdp import shard_easygen
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

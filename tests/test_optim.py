@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lit_modules.errors import ConfigError
-from lit_modules.optim import build_optimizer, cosine_with_warmup
+from easygen.errors import ConfigError
+from easygen.lit.optim import build_optimizer, cosine_with_warmup
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

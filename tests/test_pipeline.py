@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from easygen.bidiffuser.autoencoder import TINY_NORM_GROUPS, diffusers_to_ldm_state_dict
+from easygen.bidiffuser.autoencoder import TINY_NORM_GROUPS
 from easygen.bidiffuser.clip import ClipImageEncoder
 from easygen.bidiffuser.convert import save_uvit
 from easygen.bidiffuser.pipeline import BiDiffuser
+from tests.ldm_vae import diffusers_to_ldm_state_dict
 
 CORPUS = ["a red circle on a blue background", "two white squares", "a green triangle"]
 SAMPLER = dict(steps=3, order=3, method="fast", cfg_scale=7.0, max_caption_length=6)

@@ -37,7 +37,8 @@ def test_clean_text_of_a_byte_level_decode():
 
 
 def test_predicted_captions_are_clean(tmp_path):
-    from lit_modules.runner import build_datamodule, build_module, ensure_data
+    from easygen.stages.build import datamodule, lightning_module
+    from easygen.stages.common import ensure_data
 
     cfg = compose_at(
         tmp_path / "data",
@@ -54,9 +55,9 @@ def test_predicted_captions_are_clean(tmp_path):
     )
     ensure_data(cfg)
     pl.seed_everything(0)
-    module = build_module(cfg)
+    module = lightning_module(cfg)
     module.configure_model()
-    dm = build_datamodule(cfg, module)
+    dm = datamodule(cfg, module)
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
     with torch.no_grad():

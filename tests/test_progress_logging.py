@@ -21,9 +21,9 @@ cfg = compose(["hydra.job.name=t"], return_hydra_config=True)
 jl = OmegaConf.to_container(cfg.hydra.job_logging, resolve=False)
 jl["handlers"]["file"]["filename"] = sys.argv[1]  # Hydra resolves it to the run folder
 logging.config.dictConfig(jl)  # what Hydra does before the task function runs
-from lit_modules.runner import run_stage
+from easygen.stages.run import run_stage
 try:  # the runner's set-up, then a config error (no stage runs)
-    run_stage(compose_resolved(["stage.kind=nonsense"]))
+    run_stage(compose_resolved(["optim.lr=-1"]))
 except Exception as e:
     print("stopped:", type(e).__name__)
 import lightning.pytorch as pl
@@ -71,10 +71,10 @@ class _Tiny(pl.LightningModule):
 
 
 def _runner_callbacks():
-    from lit_modules.runner import build_callbacks
+    from easygen.stages.build import callbacks
 
     cfg = compose(["callbacks=none", "logger=none"])
-    callbacks = build_callbacks(cfg, has_logger=False)
+    callbacks = callbacks(cfg, has_logger=False)
     assert [type(c).__name__ for c in callbacks] == ["StepProgressBar"]
     return callbacks
 

@@ -75,7 +75,7 @@ def test_set_statistics_checks_shapes_and_output_is_not_a_view():
     q = Projector(8, 16, 12, standardize_tokens=4)
     q.fit_standardizer(feats)
     assert torch.equal(p.feature_mean, q.feature_mean) and torch.equal(p.feature_std, q.feature_std)
-    # a [B, L, C] input: nn.Linear alone would return a view of its 2-D product (see lit_modules/fsdp.py)
+    # a [B, L, C] input: nn.Linear alone would return a view of its 2-D product (see easygen/lit/fsdp.py)
     x = torch.randn(2, 4, 8, requires_grad=True)
     assert p.fc2(p.act(p.fc1(x)))._base is not None
     out = p(x)

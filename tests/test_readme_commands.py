@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -222,8 +223,8 @@ def _consolidated_is_one_file(copy: Path, command: str) -> None:
 
 # what a command's output must show beyond its exit code
 AFTER = {
-    "python -m easygen.export": _export_loads_in_plain_transformers,
-    "python -m lit_modules.consolidate": _consolidated_is_one_file,
+    "python -m easygen.stages.export": _export_loads_in_plain_transformers,
+    "python -m easygen.stages.consolidate": _consolidated_is_one_file,
 }
 
 
@@ -235,7 +236,13 @@ def test_readme_command(command, workdir, capsys):
     with capsys.disabled():
         print(f"\n[readme] rc={proc.returncode:<3d} {wall:6.1f} s  {command}", flush=True)
     tail = (proc.stdout[-3000:] + "\n--- stderr ---\n" + proc.stderr[-5000:])
-    if NEEDS_WEIGHTS.search(command):
+    if " --cfg job" in command:
+        # the composed config, printed without running: the recipe's stage settings are in it
+        assert proc.returncode == 0, tail
+        shown = yaml.safe_load(proc.stdout)
+        stage = re.search(r"experiment=\w+/(\w+)", command)
+        assert stage is None or shown["stage"]["name"] == stage.group(1), tail
+    elif NEEDS_WEIGHTS.search(command):
         assert proc.returncode == 2, tail
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert errors and "model.llm.path" in errors[0], tail

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from lit_modules.errors import ConfigError
+from easygen.errors import ConfigError
 from tests.conftest import ROOT
 
 MAX_STEPS = 12
@@ -46,7 +46,7 @@ def _saved_step(last):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_continues_step_and_schedule(tmp_path, run_env):
-    from lit_modules.optim import cosine_with_warmup
+    from easygen.lit.optim import cosine_with_warmup
 
     out = tmp_path / "run"
     args = [
@@ -106,7 +106,7 @@ def test_sigkill_then_resume_continues_step_and_schedule(tmp_path, run_env):
 def test_last_takes_only_complete_checkpoints(tmp_path):
     """A crash during the swap of a sharded save leaves `.last.ckpt.old` whole and `last.ckpt` missing or
     partial: `ckpt_path=last` takes the complete one."""
-    from lit_modules.runner import resolve_ckpt
+    from easygen.stages.checkpoints import resolve_ckpt
 
     ck = tmp_path / "checkpoints"
     old = ck / ".last.ckpt.old"

@@ -37,7 +37,7 @@ def make_cfg(data_dir: Path, out: Path, overrides=(), base=SMALL):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The synthetic set and its copy with encoder outputs (stage=extract stage.what=encoders)."""
-    from lit_modules.extract import extract_stage
+    from easygen.stages.extract import extract_stage
 
     d = tmp_path_factory.mktemp("bidiffuser-data")
     cfg = make_cfg(
@@ -89,7 +89,7 @@ class RecordParams(pl.Callback):
 
 def test_training_lowers_both_losses_and_exports_ema(data, tmp_path):
     from easygen.bidiffuser import load_uvit
-    from lit_modules.runner import build_datamodule, build_module
+    from easygen.stages.build import datamodule, lightning_module
 
     data_dir, shards = data
     steps = 12
@@ -99,7 +99,7 @@ def test_training_lowers_both_losses_and_exports_ema(data, tmp_path):
         [*on_shards(shards), "stage.encoder_source=precomputed", "optim.lr=2e-3", "stage.ema_decay=0.99"],
     )
     pl.seed_everything(0)
-    module = build_module(cfg)
+    module = lightning_module(cfg)
     module.configure_model()
     start = copy.deepcopy(module.bidiffuser.uvit).eval()
     eval_batch = module.collate(samples(f"{shards}/train/*.tar")[:24])
@@ -119,7 +119,7 @@ def test_training_lowers_both_losses_and_exports_ema(data, tmp_path):
         enable_checkpointing=False,
         callbacks=[record],
     )
-    trainer.fit(module, datamodule=build_datamodule(cfg, module))
+    trainer.fit(module, datamodule=datamodule(cfg, module))
     assert trainer.global_step == steps and len(record.steps) == steps
     after = fixed_losses(module.bidiffuser.uvit.eval(), module.bidiffuser.schedule, eval_batch)
     assert after["loss_img"] < 0.8 * before["loss_img"], (before, after)
@@ -163,10 +163,10 @@ def test_training_lowers_both_losses_and_exports_ema(data, tmp_path):
 
 
 def test_batches_from_encoder_outputs_or_pixels(data, tmp_path):
-    from lit_modules.runner import build_module
+    from easygen.stages.build import lightning_module
 
     data_dir, shards = data
-    module = build_module(make_cfg(data_dir, tmp_path / "run", on_shards(shards)))
+    module = lightning_module(make_cfg(data_dir, tmp_path / "run", on_shards(shards)))
     module.configure_model()
     pipe = module.bidiffuser
     extracted = samples(f"{shards}/train/shard-000000.tar")[:6]
@@ -202,15 +202,15 @@ def test_batches_from_encoder_outputs_or_pixels(data, tmp_path):
 
 def test_reference_objective_freezes_unused_heads(data, tmp_path):
     from easygen.bidiffuser.loss import bidiffuser_loss
-    from lit_modules.bidiffuser_module import shared_timestep_for
-    from lit_modules.runner import build_module
+    from easygen.lit.bidiffuser_module import shared_timestep_for
+    from easygen.stages.build import lightning_module
 
     data_dir, shards = data
     batch_samples = samples(f"{shards}/train/shard-000000.tar")[:4]
 
     def grads(overrides):
         cfg = make_cfg(data_dir, tmp_path / "run", [*on_shards(shards), *overrides])
-        module = build_module(cfg)
+        module = lightning_module(cfg)
         module.configure_model()
         t = module.encoder_targets(module.collate(batch_samples))
         s = cfg.stage
@@ -274,12 +274,12 @@ def _v1_overrides(tmp_path: Path, uvit: Path) -> list[str]:
 
 
 def test_bad_checkpoint_is_one_line(data, tmp_path):
-    from lit_modules.errors import ConfigError
-    from lit_modules.runner import build_module
+    from easygen.errors import ConfigError
+    from easygen.stages.build import lightning_module
 
     data_dir, _ = data
     for name, path in _bad_checkpoints(tmp_path).items():
-        module = build_module(make_cfg(data_dir, tmp_path / "run", _v1_overrides(tmp_path, path)))
+        module = lightning_module(make_cfg(data_dir, tmp_path / "run", _v1_overrides(tmp_path, path)))
         with pytest.raises(ConfigError) as err:
             module.configure_model()
         msg = str(err.value)
@@ -342,12 +342,12 @@ def test_ema_warmup_and_module_copy():
 def test_online_encoder_outputs_are_cached_per_picture(data, tmp_path):
     """model.encoder_cache_size: the frozen encoders run once per picture and caption; later batches read
     the same moments, CLIP embeddings and CLIP text states back (the latent is still drawn per step)."""
-    from lit_modules.runner import build_module
+    from easygen.stages.build import lightning_module
 
     data_dir, _ = data
     cfg = make_cfg(data_dir, tmp_path / "run", ["stage.encoder_source=online", "model.encoder_cache_size=64",
                                                 "model.bidiffuser.train_caption_decoder=true"])
-    module = build_module(cfg)
+    module = lightning_module(cfg)
     module.configure_model()
     pipe = module.bidiffuser
     batch = module.collate(samples(f"{data_dir}/synthetic-64px-n40-seed0/train/*.tar")[:6])
@@ -368,7 +368,7 @@ def test_online_encoder_outputs_are_cached_per_picture(data, tmp_path):
     assert not torch.equal(first["z0"], second["z0"])  # a fresh posterior draw each step
     # off: nothing kept
     cfg0 = make_cfg(data_dir, tmp_path / "run0", ["stage.encoder_source=online", "model.encoder_cache_size=0"])
-    m0 = build_module(cfg0)
+    m0 = lightning_module(cfg0)
     m0.configure_model()
     m0.encoder_targets(m0.collate(samples(f"{data_dir}/synthetic-64px-n40-seed0/train/*.tar")[:4]))
     assert m0._image_cache == {} and m0._text_cache == {}

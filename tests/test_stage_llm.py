@@ -40,14 +40,15 @@ def make_cfg(data_dir: Path, out: Path, overrides=()):
 
 def fit(cfg, steps: int = 2, ckpt_dir: Path | None = None):
     """Train the stage's module for `steps` steps as `train_stage` does; returns (module, before, trainer)."""
-    from lit_modules.runner import build_datamodule, build_module, ensure_data
+    from easygen.stages.build import datamodule, lightning_module
+    from easygen.stages.common import ensure_data
 
     pl.seed_everything(int(cfg.seed))
     ensure_data(cfg)
-    module = build_module(cfg)
+    module = lightning_module(cfg)
     module.configure_model()
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    dm = build_datamodule(cfg, module)
+    dm = datamodule(cfg, module)
     callbacks = []
     if ckpt_dir is not None:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0))
@@ -98,9 +99,10 @@ def test_pretrain_on_extracted_features(data_dir, tmp_path):
     is built, and the batch carries the stored features exactly."""
     from data_modules.shards import ShardIndexDataset, expand_urls
     from easygen.checkpoint import save_state_dict_file
-    from lit_modules.builders import build_bidiffuser
-    from lit_modules.extract import extract_shard
-    from lit_modules.runner import build_module, container, ensure_data
+    from easygen.factories import build_bidiffuser
+    from easygen.stages.build import lightning_module
+    from easygen.stages.common import container, ensure_data
+    from easygen.stages.extract import extract_shard
 
     base = make_cfg(data_dir, tmp_path)
     ensure_data(base)
@@ -138,7 +140,7 @@ def test_pretrain_on_extracted_features(data_dir, tmp_path):
     state = module.trained_state()
     assert {"model.projector.feature_mean", "model.projector.feature_std"} <= set(state)
     save_state_dict_file(state, tmp_path / "trained.safetensors")
-    nxt = build_module(make_cfg(data_dir, tmp_path / "next", ["stage.feature_source=captions",
+    nxt = lightning_module(make_cfg(data_dir, tmp_path / "next", ["stage.feature_source=captions",
                                                                  f"init_from={tmp_path / 'trained.safetensors'}"]))
     nxt.configure_model()
     assert torch.equal(nxt.model.projector.feature_mean, proj.feature_mean)
@@ -245,7 +247,7 @@ def test_projector_learning_rate_in_the_optimizer(data_dir, tmp_path):
 
 
 def test_derangement_has_no_fixed_point_and_is_seeded():
-    from lit_modules.easygen_module import derangement
+    from easygen.lit.easygen_module import derangement
 
     for n in (2, 3, 5, 16):
         for seed in range(20):
@@ -262,7 +264,8 @@ def test_derangement_has_no_fixed_point_and_is_seeded():
 def test_shuffle_features_pairs_captions_with_other_pictures(data_dir, tmp_path):
     """With stage.shuffle_features the training loss is the model's loss on the batch with its feature rows
     permuted by a derangement; without it, on the true pairs; evaluation is never shuffled."""
-    from lit_modules.runner import build_module, ensure_data
+    from easygen.stages.build import lightning_module
+    from easygen.stages.common import ensure_data
 
     feats = {}
     for flag in (False, True):
@@ -270,7 +273,7 @@ def test_shuffle_features_pairs_captions_with_other_pictures(data_dir, tmp_path)
             data_dir, tmp_path, ["stage.feature_source=captions", f"stage.shuffle_features={flag}"]
         )
         ensure_data(cfg)
-        module = build_module(cfg)
+        module = lightning_module(cfg)
         module.configure_model()
         samples = [
             {"id": f"s{i}", "kind": "caption", "captions": [c]}
@@ -431,9 +434,9 @@ def test_t5_instruct_trains_decoder_not_encoder(data_dir, tmp_path):
 
 
 def test_t5_with_lora_is_a_config_error(data_dir, tmp_path):
-    from lit_modules.errors import ConfigError
-    from lit_modules.runner import build_module
+    from easygen.errors import ConfigError
+    from easygen.stages.build import lightning_module
 
     cfg = make_cfg(data_dir, tmp_path, ["stage=instruct", "lora=on", "model.llm.preset=tiny-t5"])
     with pytest.raises(ConfigError, match="lora=off"):
-        build_module(cfg)
+        lightning_module(cfg)

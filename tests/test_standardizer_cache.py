@@ -30,18 +30,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _module(data_dir, out, overrides=()):
-    from lit_modules.runner import build_module, ensure_data
+    from easygen.stages.build import lightning_module
+    from easygen.stages.common import ensure_data
 
     cfg = compose_at(data_dir, out, [*SMALL, *overrides])
     ensure_data(cfg)
-    return build_module(cfg)
+    return lightning_module(cfg)
 
 
 class CountFeatures:
     """Counts the pictures whose features the module computes (EasyGenModule.image_features)."""
 
     def __init__(self, monkeypatch):
-        from lit_modules.easygen_module import EasyGenModule
+        from easygen.lit.easygen_module import EasyGenModule
 
         self.samples = 0
         real = EasyGenModule.image_features
@@ -133,10 +134,10 @@ def test_cache_key_follows_the_shards_and_the_settings(tmp_path, monkeypatch):
 
 
 def test_export_reads_the_checkpoint_only(tmp_path):
-    """`python -m easygen.export CKPT OUT` with the training data deleted: the exported projector carries
+    """`python -m easygen.stages.export CKPT OUT` with the training data deleted: the exported projector carries
     the checkpoint's own statistics."""
     from easygen.checkpoint import load_state_dict_file
-    from lit_modules.export import export_checkpoint
+    from easygen.stages.export import export_checkpoint
 
     data_dir = tmp_path / "data"
     module = _module(data_dir, tmp_path / "run", ["stage.feature_source=captions"])

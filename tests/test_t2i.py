@@ -16,7 +16,6 @@ from easygen.bidiffuser.autoencoder import (
     TINY_COLOUR_GAIN,
     TINY_NORM_GROUPS,
     decode,
-    diffusers_to_ldm_state_dict,
     encode_moments,
     load_ldm_autoencoder,
     sample_latent,
@@ -24,6 +23,7 @@ from easygen.bidiffuser.autoencoder import (
 )
 from easygen.bidiffuser.pipeline import BiDiffuser
 from easygen.bidiffuser.sampling import DATA_TYPE
+from tests.ldm_vae import diffusers_to_ldm_state_dict
 
 PROMPTS = [
     "a large red circle on the left on a white background",
@@ -129,7 +129,7 @@ def test_tiny_vae_round_trips_through_an_ldm_checkpoint(drawings, tmp_path):
 
 @pytest.fixture(scope="module")
 def pipe():
-    from lit_modules.builders import tiny_corpus
+    from easygen.factories import tiny_corpus
 
     return BiDiffuser.tiny(tiny_corpus(), seed=0, image_size=64, **SAMPLER)
 

@@ -154,7 +154,7 @@ def test_text_after_a_special_token(built, legacy):
 
 
 def tiny_t5(tok):
-    from lit_modules.builders import build_llm
+    from easygen.factories import build_llm
 
     cfg = {
         "seed": 0,

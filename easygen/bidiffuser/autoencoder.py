@@ -1,9 +1,9 @@
-"""The frozen image autoencoder of BiDiffuser: Stable Diffusion's KL-f8 VAE (SPEC §1-2).
+"""The frozen image autoencoder of BiDiffuser: Stable Diffusion's KL-f8 VAE.
 
 The network is diffusers' ``AutoencoderKL``, which is numerically the LDM autoencoder UniDiffuser
 ships as ``autoencoder_kl.pth`` (ch 128, ch_mult 1,2,4,4, two res blocks, z 4). That file uses the LDM
-key names, so this module carries the LDM <-> diffusers key map (the inverse is used to write LDM files,
-e.g. in tests). The helpers follow UniDiffuser's ``libs/autoencoder.py``:
+key names; diffusers' ``convert_ldm_vae_checkpoint`` renames them (the reverse map, used to write LDM
+files, lives with the tests: tests/ldm_vae.py). The helpers follow UniDiffuser's ``libs/autoencoder.py``:
 
 - ``encode_moments``: the encoder + ``quant_conv`` output, mean and log-variance stacked (``[B, 8, h, w]``);
   this is what the BiDiffuser data pipeline stores per image;
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from easygen.checkpoint import load_state_dict_file
 
@@ -26,120 +27,19 @@ SCALE_FACTOR = 0.18215
 # LDM training checkpoints also carry the discriminator/LPIPS weights of the VAE loss; they are not
 # part of the network.
 _IGNORED_LDM_PREFIXES = ("loss.",)
-
-_ATTN_LDM_TO_DIFFUSERS = {
-    "norm": "group_norm",
-    "q": "to_q",
-    "k": "to_k",
-    "v": "to_v",
-    "proj_out": "to_out.0",
-}
-_ATTN_DIFFUSERS_TO_LDM = {v: k for k, v in _ATTN_LDM_TO_DIFFUSERS.items()}
-_RESNET_LDM_TO_DIFFUSERS = {"nin_shortcut": "conv_shortcut"}
-_RESNET_DIFFUSERS_TO_LDM = {"conv_shortcut": "nin_shortcut"}
+# The mid-block attention's q, k, v and proj_out: 1x1 convs in LDM files, Linear layers in diffusers (the
+# converter takes [:, :, 0, 0] of whatever it finds, so the shape is checked here).
+_LDM_ATTN_MATRIX = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
 
 
-def _resnet_param(rest: str, table: dict[str, str]) -> str:
-    head, _, tail = rest.partition(".")
-    return f"{table.get(head, head)}.{tail}"
-
-
-def ldm_to_diffusers_key(key: str, num_levels: int) -> str:
-    """Map one LDM autoencoder key to its diffusers ``AutoencoderKL`` name.
-
-    ``num_levels`` is the number of resolutions (4 for KL-f8): LDM numbers the decoder's ``up`` levels
-    from the highest resolution, diffusers' ``up_blocks`` from the lowest.
-    """
-    if key.startswith(("quant_conv.", "post_quant_conv.")):
-        return key
-    m = re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)", key)
-    if m:
-        return key
-    m = re.fullmatch(r"(encoder|decoder)\.norm_out\.(weight|bias)", key)
-    if m:
-        return f"{m[1]}.conv_norm_out.{m[2]}"
-    m = re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(.+)", key)
-    if m:
-        return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_resnet_param(m[3], _RESNET_LDM_TO_DIFFUSERS)}"
-    m = re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)", key)
-    if m:
-        return f"{m[1]}.mid_block.attentions.0.{_ATTN_LDM_TO_DIFFUSERS[m[2]]}.{m[3]}"
-    m = re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", key)
-    if m:
-        return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_resnet_param(m[3], _RESNET_LDM_TO_DIFFUSERS)}"
-    m = re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv\.(weight|bias)", key)
-    if m:
-        return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
-    m = re.fullmatch(r"decoder\.up\.(\d+)\.block\.(\d+)\.(.+)", key)
-    if m:
-        level = num_levels - 1 - int(m[1])
-        return f"decoder.up_blocks.{level}.resnets.{m[2]}.{_resnet_param(m[3], _RESNET_LDM_TO_DIFFUSERS)}"
-    m = re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)", key)
-    if m:
-        return f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
-    raise KeyError(f"not an LDM autoencoder key: {key!r}")
-
-
-def diffusers_to_ldm_key(key: str, num_levels: int) -> str:
-    """Inverse of :func:`ldm_to_diffusers_key`."""
-    if key.startswith(("quant_conv.", "post_quant_conv.")):
-        return key
-    m = re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)", key)
-    if m:
-        return key
-    m = re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(weight|bias)", key)
-    if m:
-        return f"{m[1]}.norm_out.{m[2]}"
-    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(.+)", key)
-    if m:
-        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_resnet_param(m[3], _RESNET_DIFFUSERS_TO_LDM)}"
-    m = re.fullmatch(
-        r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)",
-        key,
-    )
-    if m:
-        return f"{m[1]}.mid.attn_1.{_ATTN_DIFFUSERS_TO_LDM[m[2]]}.{m[3]}"
-    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key)
-    if m:
-        return f"encoder.down.{m[1]}.block.{m[2]}.{_resnet_param(m[3], _RESNET_DIFFUSERS_TO_LDM)}"
-    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key)
-    if m:
-        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
-    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key)
-    if m:
-        level = num_levels - 1 - int(m[1])
-        return f"decoder.up.{level}.block.{m[2]}.{_resnet_param(m[3], _RESNET_DIFFUSERS_TO_LDM)}"
-    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", key)
-    if m:
-        return f"decoder.up.{num_levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
-    raise KeyError(f"not a diffusers AutoencoderKL key: {key!r}")
-
-
-def _is_attn_matrix(diffusers_key: str) -> bool:
-    return bool(re.search(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$", diffusers_key))
-
-
-def ldm_to_diffusers_state_dict(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """Rename an LDM state dict; the mid-block attention's 1x1 convs become Linear weights."""
-    out = {}
-    for key, value in sd.items():
-        new = ldm_to_diffusers_key(key, num_levels)
-        if _is_attn_matrix(new):
-            if value.ndim != 4 or value.shape[2:] != (1, 1):
-                raise ValueError(f"{key}: expected a 1x1 conv weight [C, C, 1, 1], got {tuple(value.shape)}")
-            value = value[:, :, 0, 0]
-        out[new] = value
-    return out
-
-
-def diffusers_to_ldm_state_dict(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """Rename a diffusers ``AutoencoderKL`` state dict to LDM names (Linear -> 1x1 conv in attention)."""
-    out = {}
-    for key, value in sd.items():
-        if _is_attn_matrix(key):
-            value = value[:, :, None, None]
-        out[diffusers_to_ldm_key(key, num_levels)] = value
-    return out
+def _keys_not_converted(sd: dict[str, torch.Tensor], config: dict, expected: set[str]) -> list[str]:
+    """The keys of an LDM state dict that ``convert_ldm_vae_checkpoint`` drops or renames to a name
+    ``AutoencoderKL`` does not have (it passes over what it does not know). Each key is followed through
+    the converter as a one-element tensor holding its position."""
+    keys = list(sd)
+    probe = {key: torch.tensor([i]) for i, key in enumerate(keys)}
+    landed = {int(value[0]): name for name, value in convert_ldm_vae_checkpoint(probe, config).items()}
+    return sorted(key for i, key in enumerate(keys) if landed.get(i) not in expected)
 
 
 def _config_from_ldm(sd: dict[str, torch.Tensor], source: str, norm_num_groups: int | None = None) -> dict:
@@ -370,23 +270,21 @@ def load_ldm_autoencoder(path: str | Path, norm_num_groups: int | None = None) -
     path = Path(path)
     sd = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(_IGNORED_LDM_PREFIXES)}
     config = _config_from_ldm(sd, str(path), norm_num_groups)
-    num_levels = len(config["block_out_channels"])
-    unknown = []
-    for key in sd:
-        try:
-            ldm_to_diffusers_key(key, num_levels)
-        except KeyError:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"{path}: unexpected keys for an LDM autoencoder: {sorted(unknown)}")
-    converted = ldm_to_diffusers_state_dict(sd, num_levels)
     vae = AutoencoderKL(**config)
     expected = set(vae.state_dict())
-    missing, unexpected = sorted(expected - set(converted)), sorted(set(converted) - expected)
-    if missing or unexpected:
+    unknown = _keys_not_converted(sd, config, expected)
+    if unknown:
+        raise ValueError(f"{path}: unexpected keys for an LDM autoencoder: {unknown}")
+    for key, value in sd.items():
+        if _LDM_ATTN_MATRIX.fullmatch(key) and (value.ndim != 4 or value.shape[2:] != (1, 1)):
+            raise ValueError(
+                f"{path}: {key}: expected a 1x1 conv weight [C, C, 1, 1], got {tuple(value.shape)}"
+            )
+    converted = convert_ldm_vae_checkpoint(sd, config)
+    missing = sorted(expected - set(converted))
+    if missing:
         raise ValueError(
-            f"{path}: LDM autoencoder does not match AutoencoderKL{config['block_out_channels']}: "
-            f"missing {missing}, unexpected {unexpected}"
+            f"{path}: LDM autoencoder does not match AutoencoderKL{config['block_out_channels']}: missing {missing}"
         )
     vae.load_state_dict(converted, strict=True)
     return vae

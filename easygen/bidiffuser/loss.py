@@ -1,14 +1,15 @@
 """Training objectives for the BiDiffuser U-ViT (noise prediction, DDPM's simple loss per modality).
 
-``"bidiffuser"`` is the EasyGen paper's objective (Sec. 3.1):
+Each objective is a function of (U-ViT, schedule, clean image latent z0, clean CLIP image embedding clip0,
+clean text latent y0) returning ``{loss, loss_img, loss_text}``; ``bidiffuser_loss`` picks one by name
+(``stage.objective``) for the training step (easygen/lit/bidiffuser_module.py):
 
-    L = || eps_x - eps_hat_x(x_n, y_0, n, 0) ||^2 + alpha || eps_y - eps_hat_y(x_0, y_n, 0, n) ||^2
+- ``"bidiffuser"``, :func:`paper_loss`: the EasyGen paper's objective (Sec. 3.1);
+- ``"reference"``, :func:`reference_loss`: what EasyGen's released training code optimises;
+- ``"joint"``, :func:`joint_loss`: UniDiffuser's joint objective, which BiDiffuser fine-tunes from.
 
-i.e. only the two clean-condition conditionals (t2i with clean text, i2t with clean image), where the image x
-is the pair (VAE latent z, CLIP image embedding c) noised with one index. ``"reference"`` is what EasyGen's
-released code trains: the i2t half only, optionally plus ``MSE(img_out, 0)`` on the clean-image branch.
-``"joint"`` is UniDiffuser's loss (Bao et al. 2023, Eq. 6): independent indices for image and text, MSE on the
-concatenated noise prediction. Indices are per sample unless ``shared_timestep`` (reference: one per batch).
+The image x is the pair (VAE latent z, CLIP image embedding c), noised with one index. Indices are drawn
+per sample unless ``shared_timestep`` (one per batch, as the released code does).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from .schedule import NoiseSchedule
 from .uvit import UViT
 
 DATA_TYPE = 1
-OBJECTIVES = ("bidiffuser", "reference", "joint")
 
 
 def _per_sample_mse(pred: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
@@ -31,6 +31,113 @@ def _per_sample_mse(pred: list[torch.Tensor], target: list[torch.Tensor]) -> tor
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _draw(schedule: NoiseSchedule, z0: torch.Tensor, shared: bool, generator) -> torch.Tensor:
+    return schedule.sample_timesteps(z0.shape[0], shared=shared, generator=generator, device=z0.device)
+
+
+def _noised(schedule, z0, clip0, y0, shared_timestep, generator):
+    """Indices for image and text (in this order), then the noise of z, c and y, and the noised triple."""
+    n_img, n_text = (
+        _draw(schedule, z0, shared_timestep, generator),
+        _draw(schedule, z0, shared_timestep, generator),
+    )
+    eps = tuple(_randn_like(x, generator) for x in (z0, clip0, y0))
+    z_n = schedule.add_noise(z0, n_img, eps[0])
+    c_n = schedule.add_noise(clip0, n_img, eps[1])
+    y_n = schedule.add_noise(y0, n_text, eps[2])
+    return n_img, n_text, eps, (z_n, c_n, y_n)
+
+
+def paper_loss(
+    uvit: UViT,
+    schedule: NoiseSchedule,
+    z0: torch.Tensor,
+    clip0: torch.Tensor,
+    y0: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    shared_timestep: bool = False,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """The EasyGen paper's BiDiffuser objective (Sec. 3.1), the two clean-condition conditionals:
+
+        L = || eps_x - eps_hat_x(x_n, y_0, n, 0) ||^2 + alpha || eps_y - eps_hat_y(x_0, y_n, 0, n) ||^2
+
+    text-to-image with clean text and image-to-text with the clean image, in one U-ViT call: rows [:B]
+    are t2i (noisy image, clean text), rows [B:] i2t (clean image, noisy text).
+    z0 [B,4,h,w] (scaled VAE latent), clip0 [B,1,D], y0 [B,L,text_dim]."""
+    n_img, n_text, (eps_z, eps_c, eps_y), (z_n, c_n, y_n) = _noised(
+        schedule, z0, clip0, y0, shared_timestep, generator
+    )
+    B = z0.shape[0]
+    zero = torch.zeros(B, dtype=torch.long, device=z0.device)
+    z_out, c_out, y_out = uvit(
+        torch.cat([z_n, z0]),
+        torch.cat([c_n, clip0]),
+        torch.cat([y0, y_n]),
+        torch.cat([n_img, zero]),
+        torch.cat([zero, n_text]),
+        DATA_TYPE,
+    )
+    loss_img = _per_sample_mse([z_out[:B], c_out[:B]], [eps_z, eps_c])
+    loss_text = _per_sample_mse([y_out[B:]], [eps_y])
+    return {"loss": loss_img + alpha * loss_text, "loss_img": loss_img, "loss_text": loss_text}
+
+
+def reference_loss(
+    uvit: UViT,
+    schedule: NoiseSchedule,
+    z0: torch.Tensor,
+    clip0: torch.Tensor,
+    y0: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    shared_timestep: bool = False,
+    clean_img_term: bool = False,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """What EasyGen's released training code optimises: the image-to-text half only (clean image, noisy
+    text), ``loss = loss_img + alpha * loss_text``, where ``loss_img`` is 0 or, with ``clean_img_term``,
+    ``MSE(image latent output, 0)`` on the clean image (which had no noise added)."""
+    n_text = _draw(schedule, z0, shared_timestep, generator)
+    eps_y = _randn_like(y0, generator)
+    y_n = schedule.add_noise(y0, n_text, eps_y)
+    zero = torch.zeros(z0.shape[0], dtype=torch.long, device=z0.device)
+    z_out, _, y_out = uvit(z0, clip0, y_n, zero, n_text, DATA_TYPE)
+    loss_text = _per_sample_mse([y_out], [eps_y])
+    if clean_img_term:
+        loss_img = _per_sample_mse([z_out], [torch.zeros_like(z_out)])
+    else:
+        loss_img = torch.zeros((), device=z0.device)
+    return {"loss": loss_img + alpha * loss_text, "loss_img": loss_img, "loss_text": loss_text}
+
+
+def joint_loss(
+    uvit: UViT,
+    schedule: NoiseSchedule,
+    z0: torch.Tensor,
+    clip0: torch.Tensor,
+    y0: torch.Tensor,
+    *,
+    shared_timestep: bool = False,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """UniDiffuser's joint objective: independent indices for image and text, one MSE over the concatenated
+    noise prediction of z, c and y (no alpha). ``loss_img`` and ``loss_text`` are its two parts, for the log."""
+    n_img, n_text, (eps_z, eps_c, eps_y), (z_n, c_n, y_n) = _noised(
+        schedule, z0, clip0, y0, shared_timestep, generator
+    )
+    z_out, c_out, y_out = uvit(z_n, c_n, y_n, n_img, n_text, DATA_TYPE)
+    return {
+        "loss": _per_sample_mse([z_out, c_out, y_out], [eps_z, eps_c, eps_y]),
+        "loss_img": _per_sample_mse([z_out, c_out], [eps_z, eps_c]).detach(),
+        "loss_text": _per_sample_mse([y_out], [eps_y]).detach(),
+    }
+
+
+OBJECTIVES = {"bidiffuser": paper_loss, "reference": reference_loss, "joint": joint_loss}
 
 
 def bidiffuser_loss(
@@ -46,57 +153,13 @@ def bidiffuser_loss(
     clean_img_term: bool = False,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """z0 [B,4,h,w] (scaled VAE latent), clip0 [B,1,D], y0 [B,L,text_dim] -> {loss, loss_img, loss_text}."""
+    """The objective named ``objective`` (a key of ``OBJECTIVES``), given the options it takes: ``alpha``
+    weighs the text term of "bidiffuser" and "reference"; ``clean_img_term`` is "reference"'s."""
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    B, device = z0.shape[0], z0.device
-
-    def draw() -> torch.Tensor:
-        return schedule.sample_timesteps(B, shared=shared_timestep, generator=generator, device=device)
-
-    zero = torch.zeros(B, dtype=torch.long, device=device)
-
+        raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
+    kwargs = dict(shared_timestep=shared_timestep, generator=generator)
+    if objective != "joint":
+        kwargs["alpha"] = alpha
     if objective == "reference":
-        n_text = draw()
-        eps_y = _randn_like(y0, generator)
-        y_n = schedule.add_noise(y0, n_text, eps_y)
-        z_out, _, y_out = uvit(z0, clip0, y_n, zero, n_text, DATA_TYPE)
-        loss_text = _per_sample_mse([y_out], [eps_y])
-        if clean_img_term:
-            # The reference pushes the clean-image branch's prediction to zero (no noise was added to it).
-            loss_img = _per_sample_mse([z_out], [torch.zeros_like(z_out)])
-        else:
-            loss_img = torch.zeros((), device=device)
-        return {"loss": loss_img + alpha * loss_text, "loss_img": loss_img, "loss_text": loss_text}
-
-    n_img, n_text = draw(), draw()
-    eps_z, eps_c, eps_y = (
-        _randn_like(z0, generator),
-        _randn_like(clip0, generator),
-        _randn_like(y0, generator),
-    )
-    z_n = schedule.add_noise(z0, n_img, eps_z)
-    c_n = schedule.add_noise(clip0, n_img, eps_c)
-    y_n = schedule.add_noise(y0, n_text, eps_y)
-
-    if objective == "joint":
-        z_out, c_out, y_out = uvit(z_n, c_n, y_n, n_img, n_text, DATA_TYPE)
-        loss = _per_sample_mse([z_out, c_out, y_out], [eps_z, eps_c, eps_y])
-        return {
-            "loss": loss,
-            "loss_img": _per_sample_mse([z_out, c_out], [eps_z, eps_c]).detach(),
-            "loss_text": _per_sample_mse([y_out], [eps_y]).detach(),
-        }
-
-    # bidiffuser: rows [:B] are t2i (noisy image, clean text), rows [B:] are i2t (clean image, noisy text).
-    z_out, c_out, y_out = uvit(
-        torch.cat([z_n, z0]),
-        torch.cat([c_n, clip0]),
-        torch.cat([y0, y_n]),
-        torch.cat([n_img, zero]),
-        torch.cat([zero, n_text]),
-        DATA_TYPE,
-    )
-    loss_img = _per_sample_mse([z_out[:B], c_out[:B]], [eps_z, eps_c])
-    loss_text = _per_sample_mse([y_out[B:]], [eps_y])
-    return {"loss": loss_img + alpha * loss_text, "loss_img": loss_img, "loss_text": loss_text}
+        kwargs["clean_img_term"] = clean_img_term
+    return OBJECTIVES[objective](uvit, schedule, z0, clip0, y0, **kwargs)

@@ -1,0 +1,52 @@
+"""The shard DataModule as the stages use it, built from a `conf/data/*.yaml` node (its `_target_`): the
+training module's collate for training batches, its eval collate (generation prompts, left padding) and
+a larger batch for the map-style eval splits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from data_modules.datamodule import ShardDataModule, _DropNone
+
+
+class StageDataModule(ShardDataModule):
+    """`ShardDataModule` plus the data config's own keys: `name` and `root` (what the set is and where its
+    shards are; the split patterns interpolate `root`), `synthetic` (how the embedded set is written, see
+    `easygen.stages.common.ensure_data`), `eval_batch_size` and the eval collate."""
+
+    def __init__(
+        self,
+        name: str | None = None,
+        root: str | None = None,
+        synthetic: dict | None = None,
+        eval_batch_size: int | None = None,
+        eval_collate_fn: Callable[[list[dict[str, Any]]], Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.name = name
+        self.root = root
+        self.synthetic = synthetic
+        self.eval_batch_size = eval_batch_size
+        self.eval_collate_fn = eval_collate_fn
+
+    def _eval_loader(self, split: str) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            self.eval_dataset(split),
+            batch_size=self.eval_batch_size or self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=_DropNone(self.eval_collate_fn or self.collate_fn),
+            pin_memory=self.pin_memory,
+        )
+
+
+def log_skipped(module) -> None:
+    """Log the data module's count of skipped (broken) samples as `data/skipped`."""
+    dm = getattr(module.trainer, "datamodule", None)
+    counter = getattr(dm, "skip_counter", None)
+    if counter is not None:
+        module.log("data/skipped", float(counter.skipped), reduce_fx="max")

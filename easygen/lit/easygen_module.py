@@ -1,0 +1,507 @@
+"""The LightningModule of the LLM side: alignment (`stage=pretrain`) and instruction tuning
+(`stage=instruct`, `lora=off|on`), evaluation by generation. What is frozen, where the image features
+come from and which loss runs are configuration (SPEC §4, §5)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from data_modules.stage_datamodule import log_skipped
+from easygen.clean_text import clean_text
+from easygen.errors import ConfigError
+from easygen.factories import build_bidiffuser, build_llm, build_llm_tokenizer, build_projector, is_t5
+from easygen.lit.optim import build_optimizer
+
+log = logging.getLogger("easygen")
+
+
+class EasyGenModule(pl.LightningModule):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.save_hyperparameters({"cfg": cfg})
+        self.cfg = cfg
+        self.stage_cfg = cfg["stage"]
+        self.lora_cfg = cfg.get("lora") or {"enabled": False}
+        # frozen parts come back from their sources; checkpoints hold what was trained
+        self.strict_loading = False
+        self.feature_source = self.stage_cfg.get("feature_source", "auto")
+        # the "shuffled images" control: captions trained against other samples' pictures
+        self.shuffle_features = bool(self.stage_cfg.get("shuffle_features", False))
+        self.is_t5 = is_t5(cfg)
+        if self.is_t5 and self.lora_cfg.get("enabled") and self.stage_cfg.get("train_llm"):
+            raise ConfigError(
+                "lora=on is for decoder-only LLMs; with model.llm.preset=t5|tiny-t5 use lora=off"
+            )
+        self.tokenizer = build_llm_tokenizer(cfg)
+        from easygen.collate import EasyGenCollator
+        from easygen.t5_collate import T5Collator
+
+        m = cfg["model"]
+        kw = dict(
+            template=m["template"],
+            max_length=int(m["max_length"]),
+            num_image_tokens=int(m["num_image_tokens"]),
+        )
+        # caption-as-image: features come from the captions in the step, no pixels are loaded
+        kw["deferred_features"] = self.feature_source == "captions"
+        collator = T5Collator if self.is_t5 else EasyGenCollator
+        self.train_collator = collator(self.tokenizer, seed=int(cfg.get("seed", 0)), **kw)
+        self.eval_collator = collator(self.tokenizer, seed=0, **kw)
+        self.eval_collator.eval_mode = True
+        self.model = None
+        self.bidiffuser = None
+        self.last_batch_size = 0
+        self.last_num_tokens = 0
+        self._feature_cache: dict[str, torch.Tensor] = {}
+        # model.projector.standardize: fit the statistics when the model is built for training; a module
+        # built to load a checkpoint (easygen.stages.export) sets it False and takes the checkpoint's own
+        self.fit_standardizer_on_configure = True
+
+    # -- data -----------------------------------------------------------------------------------
+    @property
+    def needs_images(self) -> bool:
+        # with caption-as-image training, evaluation still reads the pictures (i2t features of the
+        # real image: what the model will see at inference)
+        return self.feature_source in ("auto", "on_the_fly", "captions")
+
+    def collate(self, samples: list[dict]) -> dict:
+        batch = self.train_collator(samples)
+        if self.feature_source == "captions":
+            # caption-as-image (SPEC §4): a reference caption stands in for the picture
+            rng = self.train_collator.rng  # seeded: hash() of strings changes from run to run
+            batch["feature_texts"] = [rng.choice(s["captions"]) for s in samples if s.get("captions")]
+            batch["images"] = None  # read for evaluation only
+        return batch
+
+    def eval_collate(self, samples: list[dict]) -> dict:
+        return self.eval_collator(samples)
+
+    # -- model ----------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from easygen.model import EasyGen
+        from easygen.t5 import EasyGenT5
+
+        llm = build_llm(self.cfg, self.tokenizer)
+        if self.cfg["model"]["llm"].get("gradient_checkpointing"):
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.is_t5:
+            weight = float(self.cfg["model"]["llm"].get("mid_align_weight", 1.0))
+            self.model = EasyGenT5(llm, build_projector(self.cfg), align_weight=weight)
+        else:
+            self.model = EasyGen(llm, build_projector(self.cfg), tokenizer=self.tokenizer)
+        if self.feature_source != "extracted":
+            self.bidiffuser = build_bidiffuser(self.cfg)
+        self._set_trainable()
+        if self.cfg.get("init_from"):
+            self.load_weights(self.cfg["init_from"])
+        if getattr(self.model.projector, "needs_fit", False):
+            if self.stage_cfg.get("kind") != "train":
+                # eval/chat read the statistics from init_from; without them the features pass unchanged
+                log.warning(
+                    "model.projector.standardize: no fitted statistics in init_from; features unscaled"
+                )
+            elif self.fit_standardizer_on_configure:
+                self.fit_feature_standardizer()
+        if self.device_mesh is not None:
+            from easygen.lit.fsdp import shard_easygen
+
+            shard_easygen(self, self.device_mesh, getattr(self.trainer.strategy, "sharding", {}))
+
+    @property
+    def llm(self):
+        """The language model inside the EasyGen wrapper (`EasyGen.llm`, `EasyGenT5.t5`)."""
+        return self.model.t5 if self.is_t5 else self.model.llm
+
+    def _set_trainable(self) -> None:
+        m = self.model
+        for p in m.parameters():
+            p.requires_grad_(False)
+        for p in m.projector.parameters():
+            p.requires_grad_(True)
+        if self.is_t5:
+            # Mid-Align: the T5 encoder stays frozen (the image enters after it); train_llm trains the decoder
+            if self.stage_cfg.get("train_llm"):
+                for name, p in m.t5.named_parameters():
+                    if not name.startswith("encoder.") and name != "shared.weight":
+                        p.requires_grad_(True)
+            head = m.t5.get_output_embeddings().weight
+            if self.stage_cfg.get("train_lm_head"):
+                if head is m.t5.get_input_embeddings().weight:
+                    # transformers ties T5's lm_head to the shared (encoder) embeddings: Mid-Align keeps them frozen
+                    log.info(
+                        "stage.train_lm_head: the T5 lm_head is the frozen encoder's embedding table; not trained"
+                    )
+                else:
+                    head.requires_grad_(True)
+            m.t5.train(bool(self.stage_cfg.get("train_llm", False)))
+            return
+        # eval/chat load adapters trained by instruct, so they apply LoRA too
+        uses_adapters = self.stage_cfg.get("train_llm") or self.stage_cfg.get("kind") in ("eval", "chat")
+        if self.lora_cfg.get("enabled") and uses_adapters:
+            from easygen.lora import apply_lora
+
+            m.llm = apply_lora(
+                m.llm,
+                r=int(self.lora_cfg["r"]),
+                alpha=int(self.lora_cfg["alpha"]),
+                dropout=float(self.lora_cfg["dropout"]),
+                target_modules=self.lora_cfg.get("target_modules", "all-linear"),
+            )
+        elif self.stage_cfg.get("train_llm"):
+            for p in m.llm.parameters():
+                p.requires_grad_(True)
+        if self.stage_cfg.get("train_lm_head") and not self.lora_cfg.get("enabled"):
+            for p in m.llm.get_output_embeddings().parameters():
+                p.requires_grad_(True)
+        m.llm.train(self.stage_cfg.get("train_llm", False))
+
+    def load_weights(self, path: str) -> None:
+        """Start from a previous stage's weights (a Lightning checkpoint or a state dict file)."""
+        from easygen.checkpoint import load_state_dict_file, record_load
+
+        if not Path(path).exists():
+            raise ConfigError(
+                f"init_from={path} does not exist: set init_from to a checkpoint of an earlier stage"
+            )
+        sd = load_state_dict_file(path)
+        own = self.state_dict()
+        picked = {k: v for k, v in sd.items() if k in own and k.startswith("model.")}
+        if not picked:
+            raise ConfigError(
+                f"init_from={path} holds no weights of this model (expected keys under 'model.')"
+            )
+        bad = [k for k, v in picked.items() if own[k].shape != v.shape]
+        if bad:
+            raise ConfigError(f"init_from={path}: shapes differ for {bad[:5]}")
+        self.load_state_dict(picked, strict=False)
+        record_load(self, "init_from", path, len(picked))
+        log.info("loaded %d tensors from %s", len(picked), path)
+
+    def on_fit_start(self) -> None:
+        # a module configured with fit_standardizer_on_configure=False and trained anyway
+        if getattr(self.model.projector, "needs_fit", False):
+            self.fit_feature_standardizer()
+
+    def fit_feature_standardizer(self) -> None:
+        """`model.projector.standardize`: the projector's per-(position, channel) statistics from the first
+        `model.projector.standardize_samples` training samples (their extracted features, else the features
+        this stage would compute for them). Fitted once per (training shards, settings) and cached beside the
+        shards (`easygen.lit.feature_stats`); under several processes rank 0 fits or reads, the others get
+        the result by broadcast. Checkpoints and `init_from` carry the statistics."""
+        from easygen.lit import feature_stats
+
+        limit = int(self.cfg["model"]["projector"].get("standardize_samples") or 1024)
+        eps = 1e-3
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        rank0 = trainer is None or trainer.is_global_zero
+        result, error = None, None
+        if rank0:
+            try:
+                key = feature_stats.cache_key(self.cfg, self.feature_source, limit, eps)
+                dirs = feature_stats.cache_dirs(self.cfg)
+                found = feature_stats.read_cached(dirs, key)
+                if found is not None:
+                    mean, std, n, path = found
+                    result = (mean, std, f"read from the cache {path} ({n} training samples)")
+                else:
+                    feats = self._standardizer_features(limit)
+                    mean, std = self.model.projector.standardizer_statistics(feats, eps)
+                    mean, std = mean.float(), std.float()
+                    path = feature_stats.write_cached(dirs, key, mean, std, len(feats)) if dirs else None
+                    where = f"cached in {path}" if path else "not cached (model.projector.standardize_cache)"
+                    result = (mean, std, f"fitted on {len(feats)} training samples, {where}")
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                if world == 1:
+                    raise
+                error = f"{type(e).__name__}: {e}"
+        if world > 1:
+            # the other ranks wait here for exactly the fit; a failure on rank 0 reaches them too
+            result, error = trainer.strategy.broadcast((result, error), src=0)
+        if error is not None:
+            raise RuntimeError(f"model.projector.standardize failed on rank 0: {error}")
+        mean, std, how = result
+        proj = self.model.projector
+        proj.set_statistics(mean.to(proj.feature_mean), std.to(proj.feature_std))
+        if rank0:
+            log.info("projector standardiser %s", how)
+
+    @torch.no_grad()
+    def _standardizer_features(self, limit: int) -> torch.Tensor:
+        """The features of the first `limit` training samples ([N, L, C], float32 on the CPU)."""
+        from tqdm.auto import tqdm
+
+        from data_modules.shards import ShardIndexDataset
+
+        size = int(self.cfg["model"]["image_size"])
+        urls = [src["urls"] for src in self.cfg["data"]["train"]]
+        feats, pending = [], []
+        load = self.feature_source != "captions"
+        datasets = [(spec, ShardIndexDataset(spec, size, load_images=load)) for spec in urls]
+        total = min(limit, sum(len(ds) for _, ds in datasets))
+        bar = tqdm(total=total, desc="projector standardiser: training features", unit="sample", leave=False)
+
+        def flush():
+            if pending:
+                ids = [s.get("id", "?") for s in pending]
+                batch = {"ids": ids, "has_image": torch.ones(len(pending), dtype=torch.bool)}
+                if self.feature_source == "captions":
+                    batch["feature_texts"] = [s["captions"][0] for s in pending]
+                else:
+                    images = torch.stack([torch.as_tensor(s["image"]) for s in pending])
+                    batch["images"] = images.to(next(self.bidiffuser.parameters()).device)
+                # not through the in-memory feature cache: it would hold float16 copies on rank 0 only,
+                # and the first steps would see other features there than on the other ranks
+                feats.append(self.image_features(batch, use_cache=False).float().cpu())
+                bar.update(len(pending))
+                pending.clear()
+
+        try:
+            for spec, ds in datasets:
+                for i in range(len(ds)):
+                    if sum(len(f) for f in feats) + len(pending) >= limit:
+                        break
+                    s = ds[i]
+                    if s is None:
+                        continue
+                    if s.get("features") is not None and self.feature_source in ("auto", "extracted"):
+                        feats.append(torch.as_tensor(np.asarray(s["features"]), dtype=torch.float32)[None])
+                        bar.update(1)
+                    elif self.feature_source == "extracted":
+                        raise ConfigError(
+                            f"model.projector.standardize: sample {s.get('id')} of {spec} carries "
+                            "no features but stage.feature_source=extracted"
+                        )
+                    elif s.get("image") is not None or (
+                        self.feature_source == "captions" and s.get("captions")
+                    ):
+                        pending.append(s)
+                        if len(pending) == 32:
+                            flush()
+            flush()
+        finally:
+            bar.close()
+        if sum(len(f) for f in feats) < 2:
+            raise ConfigError(
+                f"model.projector.standardize: fewer than 2 training samples with pictures in {urls}"
+            )
+        return torch.cat(feats)[:limit]
+
+    # -- features -------------------------------------------------------------------------------
+    def image_features(self, batch: dict, use_cache: bool = True) -> torch.Tensor | None:
+        if not bool(batch["has_image"].any()):
+            return None
+        if batch.get("features") is not None and self.feature_source in ("auto", "extracted"):
+            return batch["features"]
+        if self.feature_source == "extracted":
+            raise ConfigError(
+                "stage.feature_source=extracted but the shards carry no features: run stage=extract "
+                "and point data.* at its output, or set stage.feature_source=on_the_fly"
+            )
+        with torch.no_grad():
+            if self.feature_source == "captions" and batch.get("feature_texts"):
+                return self.bidiffuser.text_features(batch["feature_texts"])
+            if batch.get("images") is None:
+                raise ValueError(
+                    f"batch {batch['ids'][:3]}...: image samples carry neither features nor pixels"
+                )
+            return self.cached_i2t(batch) if use_cache else self.bidiffuser.i2t_features(batch["images"])
+
+    def cached_i2t(self, batch: dict) -> torch.Tensor:
+        """i2t features on the fly, kept per sample id (up to `model.feature_cache_size`) so that later
+        epochs do not run the 50-step sampler again for the same picture (the stage=extract idea, in memory)."""
+        ids = [i for i, h in zip(batch["ids"], batch["has_image"].tolist()) if h]
+        limit = int(self.cfg["model"].get("feature_cache_size") or 0)
+        if not limit:
+            return self.bidiffuser.i2t_features(batch["images"])
+        todo = [k for k, i in enumerate(ids) if i not in self._feature_cache]
+        if todo:
+            feats = self.bidiffuser.i2t_features(batch["images"][todo])
+            for k, f in zip(todo, feats):
+                if len(self._feature_cache) < limit:
+                    self._feature_cache[ids[k]] = f.detach().to("cpu", torch.float16)
+            if len(todo) == len(ids):
+                return feats
+            fresh = dict(zip([ids[k] for k in todo], feats))
+        else:
+            fresh = {}
+        dev = batch["images"].device
+        return torch.stack(
+            [fresh[i] if i in fresh else self._feature_cache[i].to(dev, torch.float32) for i in ids]
+        )
+
+    def shuffled(self, feats: torch.Tensor) -> torch.Tensor:
+        """The batch's image features permuted across samples by a seeded derangement (no caption keeps
+        its own picture): the "shuffled images" control of the recipe. The permutation depends on the
+        seed and the global step only, so a rerun trains on the same mismatched pairs."""
+        n = feats.shape[0]
+        if n < 2:
+            return feats
+        gen = torch.Generator().manual_seed(int(self.cfg.get("seed", 0)) * 1_000_003 + int(self.global_step))
+        return feats[derangement(n, gen).to(feats.device)]
+
+    # -- steps ----------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        feats = self.image_features(batch)
+        if self.shuffle_features and feats is not None:
+            feats = self.shuffled(feats)
+        if self.is_t5:
+            out = self.model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                labels=batch["labels"],
+                features=self.t5_features(batch, feats),
+                caption_input_ids=batch.get("caption_input_ids"),
+                caption_attention_mask=batch.get("caption_attention_mask"),
+            )
+            if out.align_loss is not None:
+                self.log("train/mid_align_loss", out.align_loss, batch_size=batch["input_ids"].shape[0])
+        else:
+            out = self.model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                labels=batch["labels"],
+                features=feats,
+                image_positions=batch["image_positions"],
+                has_image=batch["has_image"],
+            )
+        bs = batch["input_ids"].shape[0]
+        self.last_batch_size = bs
+        self.last_num_tokens = int(batch["attention_mask"].sum())
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        log_skipped(self)
+        return out.loss
+
+    def t5_features(self, batch: dict, feats: torch.Tensor | None) -> torch.Tensor:
+        """Mid-Align puts the image in front of every encoder output: each sample needs a picture."""
+        if feats is None or not bool(batch["has_image"].all()):
+            ids = [i for i, h in zip(batch["ids"], batch["has_image"].tolist()) if not h]
+            raise ValueError(f"samples {ids[:5]}: the FlanT5 Mid-Align model needs an image in every sample")
+        return feats
+
+    def validation_step(self, batch, batch_idx):
+        return self.predict_captions(batch)
+
+    def test_step(self, batch, batch_idx):
+        return self.predict_captions(batch)
+
+    @torch.no_grad()
+    def predict_captions(self, batch, max_new_tokens: int | None = None, num_beams: int | None = None):
+        feats = self.image_features(batch)
+        max_new_tokens = int(max_new_tokens or self.stage_cfg.get("max_new_tokens", 24))
+        num_beams = int(num_beams or self.stage_cfg.get("num_beams", 1))
+        if self.is_t5:
+            ids = self.model.generate(
+                batch["input_ids"],
+                batch["attention_mask"],
+                features=self.t5_features(batch, feats),
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+            )
+            texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        else:
+            texts = self.model.generate(
+                batch["input_ids"],
+                batch["attention_mask"],
+                features=feats,
+                image_positions=batch["image_positions"],
+                has_image=batch["has_image"],
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+            )
+        # whole sequences were decoded (special tokens skipped); what a byte-level BPE leaves that is not
+        # text (U+FFFD of invalid UTF-8, control bytes) is dropped: easygen/clean_text.py
+        texts = [clean_text(t) for t in texts]
+        out = {"ids": list(batch["ids"]), "predictions": texts, "references": batch["references"]}
+        if batch.get("images") is not None and len(batch["images"]) == int(batch["has_image"].sum()):
+            # the pictures ([3, H, W] in [0, 1]) beside their ids, for the sample tables of
+            # callbacks/caption_eval.py; the collator stacks the pictures of image samples only
+            pictures = iter(batch["images"])
+            out["images"] = [next(pictures) if h else None for h in batch["has_image"].tolist()]
+        return out
+
+    def generate_images(self, prompts: list[str]):
+        if self.bidiffuser is None:
+            raise RuntimeError("text-to-image needs the BiDiffuser (stage.feature_source is 'extracted')")
+        return self.bidiffuser.generate(prompts)
+
+    def flops_per_sample(self) -> float:
+        seq = max(1, self.last_num_tokens // max(1, self.last_batch_size))
+        if self.is_t5:
+            # 2 FLOPs per weight and token forward, backward to the inputs 2 more, weight gradients 2 if trained
+            n = sum(p.numel() for p in self.model.parameters())
+            trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            return float(4 * n + 2 * trained) * seq
+        return float(self.model.flops_per_token(seq_len=seq, training=True)) * seq
+
+    # -- optimisation and checkpoints -------------------------------------------------------------
+    def configure_optimizers(self):
+        total = (
+            self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        )
+        return build_optimizer(self.trainer.model.named_parameters(), self.cfg["optim"], int(total))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # keep what was trained: the projector, LoRA adapters or the LLM; frozen parts load from their sources
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable or ".projector.feature_" in k
+        }
+
+    def trained_state(self) -> dict:
+        """What this stage trained (projector, LoRA adapters or LLM), gathered to full tensors.
+        Every rank calls it under FSDP."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+            for k, v in self.state_dict().items()
+            # the projector's fitted feature statistics (model.projector.standardize) travel with it
+            if k in trainable or ".projector.feature_" in k
+        }
+
+    def export_artifacts(self, out: Path) -> dict:
+        """`easygen/trained.safetensors`: the trained weights, which the next stage's `init_from` reads."""
+        from easygen.checkpoint import save_state_dict_file
+
+        state = self.trained_state()
+        path = Path(out) / "easygen" / "trained.safetensors"
+        if self.trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_state_dict_file(state, path)
+            self.tokenizer.save_pretrained(str(path.parent / "tokenizer"))
+        artifacts = {"weights": str(path)}
+        if self.lora_cfg.get("enabled") and self.stage_cfg.get("export_merged") and not self.is_t5:
+            artifacts["merged_llm"] = str(self.export_merged(Path(out) / "easygen" / "merged"))
+        return artifacts
+
+    def export_merged(self, folder: Path) -> Path:
+        """The LoRA adapters folded into the LLM's weights: a standalone transformers folder (safetensors,
+        config, tokenizer) that `AutoModelForCausalLM.from_pretrained` loads without peft; the projector
+        stays in `trained.safetensors`."""
+        from easygen.lora import save_merged
+
+        if self.device_mesh is not None:
+            raise ConfigError("stage.export_merged needs an unsharded model: merge from a single-process run")
+        if self._trainer is None or self.trainer.is_global_zero:
+            save_merged(self.model.llm, self.tokenizer, folder)
+        return folder
+
+
+def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random permutation of range(n) with no fixed point (n >= 2), by rejection: about e
+    draws on average."""
+    if n < 2:
+        raise ValueError(f"no derangement of {n} element(s)")
+    ar = torch.arange(n)
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        if not bool((perm == ar).any()):
+            return perm
