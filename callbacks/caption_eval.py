@@ -1,4 +1,4 @@
-"""Caption evaluation at the end of each validation epoch, scored once over the whole set (SPEC §6).
+"""Caption evaluation at the end of each validation epoch, scored once over the whole set (the paper's evaluation).
 
 Protocol with the LightningModule: ``validation_step(batch, batch_idx)`` returns a dict with ``ids``
 (list[str]), ``predictions`` (list[str]) and ``references`` (list[list[str]]), optionally ``images``

@@ -1,4 +1,4 @@
-"""Text-to-image samples for a fixed prompt list, logged to W&B or saved as PNGs (SPEC §4, t2i path).
+"""Text-to-image samples for a fixed prompt list, logged to W&B or saved as PNGs (the paper's LLM side, t2i path).
 
 The LightningModule provides ``generate_images(prompts) -> list[PIL.Image]``; only global rank 0
 calls it, so a module whose sampler has collectives must not rely on this callback.

@@ -448,6 +448,61 @@ class _SplitWriter:
             Path(self.writer.fname).unlink(missing_ok=True)
 
 
+def _check_inputs(format: str, input, images, annotations, shard_size: int) -> None:
+    """Fail before reading anything: an unknown format, a bad shard size, a missing input file or folder."""
+    if format not in READERS:
+        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if format in ("coco-karpathy", "vqav2") and images is None:
+        raise ValueError(f"format {format!r} needs --images (the folder of the COCO images)")
+    for what, path in (("input file", input), ("annotations file", annotations)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(
+                f"{what} {path} does not exist" if not Path(path).exists() else f"{what} {path} is not a file"
+            )
+    if images is not None and not Path(images).is_dir():
+        raise FileNotFoundError(
+            f"images folder {images} does not exist" if not Path(images).exists()
+            else f"--images {images} is not a folder"
+        )
+
+
+def _write_shards(records: list[Record], out: Path, shard_size: int, workers: int, resize: int | None,
+                  desc: str, progress: bool) -> tuple[dict[str, _SplitWriter], list[dict[str, Any]]]:
+    """Prepare every record (in `workers` processes) and write it to its split's shards; a record that
+    cannot be prepared is skipped and listed. Any error discards the shards being written."""
+    writers: dict[str, _SplitWriter] = {}
+    skipped: list[dict[str, Any]] = []
+    if workers > 1:
+        pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(resize,))
+        results = pool.imap(_prepare, records, chunksize=8)
+    else:
+        pool = None
+        _init_worker(resize)
+        results = map(_prepare, records)
+    try:
+        for prepared in tqdm(results, total=len(records), desc=desc, disable=not progress):
+            if prepared.members is None:
+                skipped.append({"record": prepared.index, "where": prepared.where, "key": prepared.key,
+                                "kind": reason_kind(prepared.error), "reason": prepared.error})
+                continue
+            if prepared.split not in writers:
+                writers[prepared.split] = _SplitWriter(out, prepared.split, shard_size)
+            writers[prepared.split].write(prepared.key, prepared.members)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    for writer in writers.values():
+        writer.close()
+    return writers, skipped
+
+
 def convert(
     format: str,
     *,
@@ -468,23 +523,7 @@ def convert(
     ``split`` field; vqav2 reads it from ``data_subtype``). ``source`` replaces the manifest's record
     of where the data came from.
     """
-    if format not in READERS:
-        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if format in ("coco-karpathy", "vqav2") and images is None:
-        raise ValueError(f"format {format!r} needs --images (the folder of the COCO images)")
-    for what, path in (("input file", input), ("annotations file", annotations)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(
-                f"{what} {path} does not exist" if not Path(path).exists() else f"{what} {path} is not a file"
-            )
-    if images is not None and not Path(images).is_dir():
-        raise FileNotFoundError(
-            f"images folder {images} does not exist"
-            if not Path(images).exists()
-            else f"--images {images} is not a folder"
-        )
+    _check_inputs(format, input, images, annotations, shard_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"input": str(input), "images": None if images is None else str(images)}
@@ -494,41 +533,8 @@ def convert(
         kwargs["split"] = split
     records = list(READERS[format](**kwargs))
 
-    writers: dict[str, _SplitWriter] = {}
-    skipped: list[dict[str, Any]] = []
-    if workers > 1:
-        pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(resize,))
-        results = pool.imap(_prepare, records, chunksize=8)
-    else:
-        pool = None
-        _init_worker(resize)
-        results = map(_prepare, records)
-    try:
-        for prepared in tqdm(results, total=len(records), desc=f"convert {format}", disable=not progress):
-            if prepared.members is None:
-                skipped.append(
-                    {
-                        "record": prepared.index,
-                        "where": prepared.where,
-                        "key": prepared.key,
-                        "kind": reason_kind(prepared.error),
-                        "reason": prepared.error,
-                    }
-                )
-                continue
-            if prepared.split not in writers:
-                writers[prepared.split] = _SplitWriter(out, prepared.split, shard_size)
-            writers[prepared.split].write(prepared.key, prepared.members)
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    for writer in writers.values():
-        writer.close()
+    writers, skipped = _write_shards(records, out, shard_size, workers, resize,
+                                     desc=f"convert {format}", progress=progress)
 
     splits = {
         name: {"samples": sum(w.counts.values()), "shards": dict(w.counts)}

@@ -1,4 +1,4 @@
-"""Lightning DataModule over EasyGen WebDataset shards (SPEC §7).
+"""Lightning DataModule over EasyGen WebDataset shards (data_modules/shards.py).
 
 Training streams one or several weighted sources. Each source is webdataset 1.0's resampled shard
 stream (``ResampledShards`` -> ``split_by_node`` -> ``split_by_worker`` -> tar samples) followed by

@@ -1,6 +1,6 @@
 """Reading EasyGen WebDataset shards: URL expansion, per-sample decoding, skip accounting, eval indexes.
 
-One sample is one key in a tar shard (SPEC §7): ``KEY.jpg``/``KEY.png``, ``KEY.json`` with at least
+One sample is one key in a tar shard (data_modules/shards.py): ``KEY.jpg``/``KEY.png``, ``KEY.json`` with at least
 ``{"id", "kind"}`` and the fields of its kind, and optionally ``KEY.features.npy`` (float16 [L, D])
 written by the extract stage. Training streams shards through webdataset 1.0
 (``data_modules.datamodule``); evaluation reads a split once into an index of tar members

@@ -8,7 +8,10 @@ projector, and pictures drawn by BiDiffuser text-to-image whenever the model ans
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
+import runpy
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from easygen.images import load_image_file
+from easygen.images import ImageFileError, load_image_file
 from easygen.templates import IMAGE_MARKER, encode, render
 
 IMG_TAG = re.compile(r"<Img>(.+?)</Img>", re.DOTALL)
@@ -221,110 +224,112 @@ class _AnswerPrinter:
         self.stdout.flush()
 
 
+class _Repl:
+    """The terminal loop's state (the picture waiting for the next question, the transcript, the errors
+    shown) and one method per command."""
+
+    def __init__(self, session: ChatSession, stdout) -> None:
+        self.session, self.stdout = session, stdout
+        self.pending_image, self.pending_path = None, None
+        self.log: list[dict] = []
+        self.errors: list[str] = []
+
+    def say(self, text: str) -> None:
+        self.stdout.write(text)
+
+    def error(self, message: str) -> None:
+        self.say(f"[error] {message}\n")
+        self.errors.append(message)
+
+    def handle(self, line: str) -> None:
+        command, _, arg = line.partition(" ")
+        handler = {"/help": self.help, "/image": self.image, "/reset": self.reset, "/draw": self.draw}.get(command)
+        if handler is not None:
+            handler(arg.strip())
+        elif command.startswith("/") and command[1:].isalpha():
+            self.error(f"unknown command {command}; /help lists the commands")
+        else:
+            self.ask(line)
+
+    def help(self, _arg: str) -> None:
+        self.say("Commands:\n" + COMMAND_HELP + "\nAnything else is a question for the assistant.\n")
+
+    def image(self, arg: str) -> None:
+        if not arg:
+            return self.error("/image needs a path: /image PATH")
+        try:
+            self.pending_image = load_image_file(arg, self.session.image_size)
+        except (FileNotFoundError, ImageFileError) as e:
+            return self.error(f"{e}; no picture attached")
+        self.pending_path = arg
+        self.say(f"(picture {arg} attached to the next question)\n")
+
+    def reset(self, _arg: str) -> None:
+        self.session.reset()
+        self.pending_image, self.pending_path = None, None
+        self.say("(conversation reset: history and picture forgotten)\n")
+
+    def draw(self, arg: str) -> None:
+        if not arg:
+            return self.error("/draw needs a description: /draw PROMPT")
+        try:
+            pics = self.session.draw_prompts([arg])
+        except KeyboardInterrupt:
+            return self.say("\n(drawing interrupted)\n")
+        for p in pics:
+            self.say(f"[picture saved to {p}]\n")
+        self.log.append({"user": f"/draw {arg}", "draw": arg, "pictures": [str(p) for p in pics]})
+
+    def ask(self, line: str) -> None:
+        stream = _AnswerPrinter(self.stdout)
+        try:
+            answer, pics = self.session.ask(line, image=self.pending_image, on_text=stream,
+                                            on_notice=lambda notice: self.say(notice + "\n"))
+        except KeyboardInterrupt:
+            return self.say("\n(answer interrupted)\n")
+        except (FileNotFoundError, ValueError) as e:
+            self.say("\n" if stream.started else "")
+            return self.error(str(e))
+        entry = {"user": line, "assistant": answer, "pictures": [str(p) for p in pics]}
+        if self.pending_path is not None:
+            entry["image"] = self.pending_path
+        self.pending_image, self.pending_path = None, None
+        for p in pics:
+            self.say(f"[picture saved to {p}]\n")
+        self.log.append(entry)
+
+
 def repl(
     session: ChatSession, stdin=sys.stdin, stdout=sys.stdout, transcript: Path | None = None
 ) -> list[str]:
     """The terminal loop; the commands are `COMMANDS`. Returns the errors shown (a bad picture, a message
     too long, an unknown command); the conversation goes on after each."""
-    from easygen.images import ImageFileError
-
-    pending_image, pending_path = None, None
-    log = []
-    errors: list[str] = []
-    say = stdout.write
-
-    def say_error(message: str) -> str:
-        say(f"[error] {message}\n")
-        return message
-
-    say("EasyGen chat. /image PATH attaches a picture, /draw PROMPT draws one, /help lists the commands.\n")
+    state = _Repl(session, stdout)
+    state.say("EasyGen chat. /image PATH attaches a picture, /draw PROMPT draws one, /help lists the commands.\n")
     while True:
         try:  # Ctrl-C while the prompt is being written counts as at the prompt too
-            say("USER: ")
+            state.say("USER: ")
             stdout.flush()
             line = stdin.readline()
         except KeyboardInterrupt:
-            say("\n(chat ended)\n")
+            state.say("\n(chat ended)\n")
             break
         if line and not stdin.isatty():
-            say(line if line.endswith("\n") else line + "\n")  # a script's lines show in the log
+            state.say(line if line.endswith("\n") else line + "\n")  # a script's lines show in the log
         if not line or line.strip() == "/quit":
-            say("\n(chat ended)\n" if not line else "(chat ended)\n")
+            state.say("\n(chat ended)\n" if not line else "(chat ended)\n")
             break
-        line = line.strip()
-        if not line:
-            continue
-        command, _, arg = line.partition(" ")
-        arg = arg.strip()
-        if command == "/help":
-            say("Commands:\n" + COMMAND_HELP + "\nAnything else is a question for the assistant.\n")
-            continue
-        if command == "/image":
-            if not arg:
-                errors.append(say_error("/image needs a path: /image PATH"))
-                continue
-            try:
-                pending_image = load_image_file(arg, session.image_size)
-            except (FileNotFoundError, ImageFileError) as e:
-                errors.append(say_error(f"{e}; no picture attached"))
-                continue
-            pending_path = arg
-            say(f"(picture {arg} attached to the next question)\n")
-            continue
-        if command == "/reset":
-            session.reset()
-            pending_image, pending_path = None, None
-            say("(conversation reset: history and picture forgotten)\n")
-            continue
-        if command == "/draw":
-            if not arg:
-                errors.append(say_error("/draw needs a description: /draw PROMPT"))
-                continue
-            try:
-                pics = session.draw_prompts([arg])
-            except KeyboardInterrupt:
-                say("\n(drawing interrupted)\n")
-                continue
-            for p in pics:
-                say(f"[picture saved to {p}]\n")
-            log.append({"user": line, "draw": arg, "pictures": [str(p) for p in pics]})
-            continue
-        if command.startswith("/") and command[1:].isalpha():
-            errors.append(say_error(f"unknown command {command}; /help lists the commands"))
-            continue
-        stream = _AnswerPrinter(stdout)
-        try:
-            answer, pics = session.ask(
-                line, image=pending_image, on_text=stream, on_notice=lambda notice: say(notice + "\n")
-            )
-        except KeyboardInterrupt:
-            say("\n(answer interrupted)\n")
-            continue
-        except (FileNotFoundError, ValueError) as e:
-            say("\n" if stream.started else "")
-            errors.append(say_error(str(e)))
-            continue
-        entry = {"user": line, "assistant": answer, "pictures": [str(p) for p in pics]}
-        if pending_path is not None:
-            entry["image"] = pending_path
-        pending_image, pending_path = None, None
-        for p in pics:
-            say(f"[picture saved to {p}]\n")
-        log.append(entry)
+        if line.strip():
+            state.handle(line.strip())
     if transcript is not None:
-        import json
-
         transcript.parent.mkdir(parents=True, exist_ok=True)
-        transcript.write_text(json.dumps(log, indent=2))
-    return errors
+        transcript.write_text(json.dumps(state.log, indent=2))
+    return state.errors
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m easygen.chat key=value ...` = `python run.py stage=chat key=value ...`; `--prompt TEXT` and
     `--image PATH` are `stage.prompt` / `stage.image` (one answer, for scripts)."""
-    import argparse
-    import runpy
-
     parser = argparse.ArgumentParser(
         prog="python -m easygen.chat",
         description=__doc__,

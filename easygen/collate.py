@@ -1,7 +1,7 @@
 """Batch collation for the LLM stages: caption, VQA and conversation samples into padded token batches.
 
 Each sample becomes LLaVA-style turns (a caption sample is one "describe the image" turn and its
-caption; a VQA sample is ``"<question> please giving an short answer."`` and an answer, SPEC §4), is
+caption; a VQA sample is ``"<question> please giving an short answer."`` and an answer, the paper's LLM side), is
 rendered by ``easygen.templates`` and tokenised with labels computed from the real token boundaries.
 The image span (``<Img>`` + N placeholders + ``</Img>``) is recorded by its start index so that
 ``EasyGen.forward`` can splice the projected BiDiffuser features there.
@@ -74,8 +74,8 @@ class EasyGenCollator:
         self.max_length = max_length
         self.num_image_tokens = num_image_tokens
         self.image_tokens_from_features = image_tokens_from_features
-        # The caller supplies the features of every image row itself (caption-as-image alignment, SPEC
-        # §4), so a sample may carry neither 'features' nor 'image'.
+        # The caller supplies the features of every image row itself (caption-as-image alignment, the
+        # paper's LLM side), so a sample may carry neither 'features' nor 'image'.
         self.deferred_features = deferred_features
         self.rng = random.Random(seed)
         self.eval_mode = False

@@ -8,6 +8,7 @@ Layout of an export folder::
     bidiffuser/bidiffuser.safetensors   every BiDiffuser part (VAE, CLIPs, caption decoder, U-ViT)
     trained.safetensors          the projector under ``model.projector.*``, what `init_from=` reads
     export/easygen.yaml          the config for `python run.py --config-dir OUT +export=easygen stage=chat|eval`
+    model/easygen_export.yaml    the model config it selects (the LLM from llm/, BiDiffuser from bidiffuser/)
     easygen.json                 the same as JSON, plus the projector's shape for `load_export`
 
 ``export_model`` writes it from built models; ``load_export`` reads it back as an ``EasyGen`` with its
@@ -26,8 +27,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from easygen.bidiffuser import save_uvit
 from easygen.checkpoint import load_state_dict_file, save_state_dict_file
+from easygen.lora import merge_lora
+from easygen.model import EasyGen
+from easygen.projector import Projector
 
 EXPORT_CONFIG = "easygen.json"
 
@@ -35,8 +41,6 @@ EXPORT_CONFIG = "easygen.json"
 def _plain_llm(llm):
     """A transformers model with any LoRA adapters folded in (on a copy: the caller's model keeps them)."""
     if hasattr(llm, "merge_and_unload"):
-        from easygen.lora import merge_lora
-
         return merge_lora(copy.deepcopy(llm))
     return llm
 
@@ -52,6 +56,30 @@ def _yaml(value, indent: int = 0) -> str:
         else:
             lines.append(f"{pad}{k}: {json.dumps(v)}")
     return "\n".join(lines)
+
+
+def _write_bidiffuser(folder: Path, bidiffuser: torch.nn.Module, uvit: torch.nn.Module | None) -> None:
+    """`uvit.pth` in UniDiffuser's key format and every part of the pipeline in one safetensors file."""
+    folder.mkdir()
+    save_uvit(uvit if uvit is not None else bidiffuser.uvit, folder / "uvit.pth")
+    state = {k: v.detach().cpu().contiguous() for k, v in bidiffuser.state_dict().items()}
+    if uvit is not None:
+        state.update({f"uvit.{k}": v.detach().cpu().contiguous() for k, v in uvit.state_dict().items()})
+    save_state_dict_file(state, folder / "bidiffuser.safetensors")
+
+
+def _write_configs(tmp: Path, name: str, model: dict, rest: dict) -> None:
+    """`+export=easygen` selects the export's own model config (model/easygen_export.yaml, complete: a
+    merge onto the run's model config would mix the factories' arguments) and sets the rest (init_from)."""
+    (tmp / "export").mkdir()
+    (tmp / "model").mkdir()
+    (tmp / "model" / "easygen_export.yaml").write_text(
+        f"# the model of the export in {name}/ (written by easygen.export)\n" + _yaml(model) + "\n"
+    )
+    (tmp / "export" / "easygen.yaml").write_text(
+        "# @package _global_\n# python run.py --config-dir <this folder> +export=easygen stage=chat|eval\n"
+        "defaults:\n  - override /model: easygen_export\n" + _yaml(rest) + "\n"
+    )
 
 
 def export_model(
@@ -86,16 +114,17 @@ def export_model(
     save_state_dict_file({f"model.projector.{k}": v for k, v in proj.items()}, tmp / "trained.safetensors")
 
     model = copy.deepcopy(model_config)
-    model.setdefault("llm", {}).update(preset="pretrained", path=str(out / "llm"), dtype="float32")
+    model["module"] = "easygen.lit.easygen_module.EasyGenModule"  # exports are decoder-only LLMs
+    llm_dir = str(out / "llm")
+    model.setdefault("llm", {}).update(
+        preset="pretrained", path=llm_dir, dtype="float32", trust_remote_code=False,
+        # the factories conf/model/vicuna7b.yaml names, pointed at llm/ (the tiny presets' ones are replaced)
+        tokenizer={"_target_": "easygen.factories.pretrained_tokenizer", "path": llm_dir, "trust_remote_code": False},
+        net={"_target_": "easygen.factories.pretrained_llm", "path": llm_dir, "dtype": "float32",
+             "trust_remote_code": False},
+    )
     if bidiffuser is not None:
-        from easygen.bidiffuser import save_uvit
-
-        (tmp / "bidiffuser").mkdir()
-        save_uvit(uvit if uvit is not None else bidiffuser.uvit, tmp / "bidiffuser" / "uvit.pth")
-        state = {k: v.detach().cpu().contiguous() for k, v in bidiffuser.state_dict().items()}
-        if uvit is not None:
-            state.update({f"uvit.{k}": v.detach().cpu().contiguous() for k, v in uvit.state_dict().items()})
-        save_state_dict_file(state, tmp / "bidiffuser" / "bidiffuser.safetensors")
+        _write_bidiffuser(tmp / "bidiffuser", bidiffuser, uvit)
         model.setdefault("bidiffuser", {})["weights"] = str(out / "bidiffuser" / "bidiffuser.safetensors")
 
     linears = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)]
@@ -115,13 +144,7 @@ def export_model(
         "config": {"model": model, "init_from": str(out / "trained.safetensors"), "lora": {"enabled": False}},
     }
     (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
-    (tmp / "export").mkdir()
-    (tmp / "export" / "easygen.yaml").write_text(
-        "# @package _global_\n# python run.py --config-dir <this folder> +export=easygen stage=chat|eval\n"
-        + _yaml(meta["config"])
-        + "\n"
-    )
-
+    _write_configs(tmp, out.name, model, {k: v for k, v in meta["config"].items() if k != "model"})
     old = out.parent / f".{out.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
@@ -135,11 +158,6 @@ def load_export(
     folder: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ):
     """``(EasyGen, tokenizer)`` from an export folder, through transformers and the projector file only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from easygen.model import EasyGen
-    from easygen.projector import Projector
-
     folder = Path(folder)
     meta_path = folder / EXPORT_CONFIG
     if not meta_path.is_file():

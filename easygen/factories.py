@@ -1,17 +1,32 @@
-"""Build the models a stage needs from the `model` config: tokenizers, the LLM, the projector and the
-BiDiffuser pipeline (tiny random presets, real weights from local paths, or real shapes with random
-weights). A missing path fails naming its config key."""
+"""The models a stage builds, one factory per preset, named by `_target_` in `conf/model/*.yaml`
+(`model.llm.tokenizer`, `model.llm.net`) and instantiated by the LightningModules: tiny random presets
+built locally, real weights from local paths, real shapes with random weights. A missing path fails
+naming its config key. Plain PyTorch/transformers: no Lightning, no Hydra."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
+from data_modules.synthetic import caption_corpus
+from easygen.bidiffuser import BiDiffuser
+from easygen.checkpoint import load_state_dict_file, record_load
 from easygen.errors import ConfigError
+from easygen.llm import build_tiny_llm, llama_7b_config, load_llm
+from easygen.projector import Projector
+from easygen.templates import CAPTION_PROMPTS, IMG_CLOSE, IMG_OPEN, VQA_SUFFIX
+from easygen.tokenization import build_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# encoder-decoder presets: EasyGen's FlanT5 "Mid-Align" variant (SPEC §4)
+# encoder-decoder presets: EasyGen's FlanT5 "Mid-Align" variant (paper §3.4)
 T5_PRESETS = ("t5", "tiny-t5")
 
 
@@ -29,130 +44,95 @@ def require_path(value, key: str) -> str:
 
 def tiny_corpus() -> list[str]:
     """Text the tiny tokenizers are trained on: every synthetic caption word and the prompt templates."""
-    from easygen.templates import CAPTION_PROMPTS, IMG_CLOSE, IMG_OPEN, VQA_SUFFIX
-
-    corpus = [*CAPTION_PROMPTS, VQA_SUFFIX, f"USER: {IMG_OPEN} {IMG_CLOSE} ASSISTANT:"]
-    try:
-        from data_modules.synthetic import caption_corpus
-
-        corpus += list(caption_corpus())
-    except ImportError:
-        pass
-    return corpus
+    return [*CAPTION_PROMPTS, VQA_SUFFIX, f"USER: {IMG_OPEN} {IMG_CLOSE} ASSISTANT:", *caption_corpus()]
 
 
-def tokenizer_cache(cfg: dict) -> str | None:
-    data_dir = (cfg.get("paths") or {}).get("data_dir")
-    return str(Path(data_dir) / "tokenizers") if data_dir else None
+# ----------------------------------------------------------------------------------------------------
+# tokenizers (`model.llm.tokenizer`)
 
 
-def build_llm_tokenizer(cfg: dict):
-    m = cfg["model"]["llm"]
-    if m["preset"] in ("tiny", "tiny-t5"):
-        from easygen.tokenization import build_tokenizer
+def tiny_tokenizer(kind: str = "llama", vocab_size: int = 512, model_max_length: int = 512,
+                   cache_dir: str | None = None):
+    """A tokenizer trained locally on `tiny_corpus()`: byte-level BPE with Llama's special tokens, or
+    (kind `t5`) a sentencepiece unigram T5 tokenizer (pad 0 starts the decoder, </s> = 1, no BOS)."""
+    return build_tokenizer(kind, tiny_corpus(), vocab_size=vocab_size, model_max_length=model_max_length,
+                           cache_dir=cache_dir)
 
-        # tiny-t5: a sentencepiece unigram T5 tokenizer (pad 0 starts the decoder, </s> = 1, no BOS)
-        return build_tokenizer(
-            "t5" if m["preset"] == "tiny-t5" else "llama",
-            tiny_corpus(),
-            vocab_size=int(m.get("vocab_size", 512)),
-            model_max_length=int(cfg["model"]["max_length"]),
-            cache_dir=tokenizer_cache(cfg),
-        )
-    if m["preset"] == "llama7b-random":
-        from easygen.tokenization import build_tokenizer
 
-        return build_tokenizer("llama", tiny_corpus(), vocab_size=1024, cache_dir=tokenizer_cache(cfg))
-    from transformers import AutoTokenizer
-
-    path = require_path(m.get("path"), "model.llm.path")
-    tok = AutoTokenizer.from_pretrained(
-        path, local_files_only=True, trust_remote_code=bool(m.get("trust_remote_code"))
-    )
+def pretrained_tokenizer(path: str | None, trust_remote_code: bool = False):
+    """The tokenizer of a local transformers folder (`model.llm.path`); pad falls back to unk, then eos."""
+    path = require_path(path, "model.llm.path")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
 
 
-def build_llm(cfg: dict, tokenizer, device: str | torch.device | None = None):
-    m = cfg["model"]["llm"]
-    preset = m["preset"]
-    if preset == "tiny":
-        from easygen.llm import build_tiny_llm
-
-        return build_tiny_llm(
-            tokenizer,
-            hidden_size=int(m["hidden_size"]),
-            layers=int(m["num_layers"]),
-            heads=int(m["num_heads"]),
-            seed=int(cfg.get("seed", 0)),
-        )
-    if preset == "tiny-t5":
-        from transformers import T5Config, T5ForConditionalGeneration
-
-        h, heads = int(m["hidden_size"]), int(m["num_heads"])
-        config = T5Config(
-            vocab_size=len(tokenizer),
-            d_model=h,
-            d_ff=4 * h,
-            d_kv=h // heads,
-            num_layers=int(m["num_layers"]),
-            num_heads=heads,
-            feed_forward_proj="gated-gelu",
-            dropout_rate=0.0,
-            tie_word_embeddings=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(cfg.get("seed", 0)))
-            return T5ForConditionalGeneration(config).eval()
-    if preset == "t5":
-        from transformers import AutoModelForSeq2SeqLM
-
-        path = require_path(m.get("path"), "model.llm.path")
-        if not (Path(path) / "config.json").exists():
-            raise ConfigError(
-                f"model.llm.path={path} has no config.json: point it at a transformers FlanT5 folder"
-            )
-        return AutoModelForSeq2SeqLM.from_pretrained(
-            path,
-            dtype=DTYPES.get(str(m.get("dtype"))),
-            local_files_only=True,
-            trust_remote_code=bool(m.get("trust_remote_code")),
-        )
-    if preset == "llama7b-random":
-        from transformers import LlamaForCausalLM
-
-        from easygen.llm import llama_7b_config
-
-        config = llama_7b_config(vocab_size=int(m.get("vocab_size", 32000)))
-        config._attn_implementation = "sdpa"
-        # built directly on the GPU in its dtype: 6.7B fp32 parameters on the host first would cost 27 GB
-        dtype = DTYPES.get(str(m.get("dtype")), torch.float32)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")):
-                return LlamaForCausalLM(config)
-        finally:
-            torch.set_default_dtype(previous)
-    if preset == "pretrained":
-        from easygen.llm import load_llm
-
-        model, _ = load_llm(
-            require_path(m.get("path"), "model.llm.path"),
-            dtype=DTYPES.get(str(m.get("dtype"))),
-            trust_remote_code=bool(m.get("trust_remote_code")),
-        )
-        return model
-    raise ConfigError(f"model.llm.preset={preset!r}: choose tiny|pretrained|llama7b-random|t5|tiny-t5")
+# ----------------------------------------------------------------------------------------------------
+# LLMs (`model.llm.net`); each takes the tokenizer the module built first
 
 
-def build_projector(cfg: dict):
-    from easygen.projector import Projector
+def tiny_llama(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0):
+    """A random Llama matched to the tiny tokenizer (the embedded default)."""
+    return build_tiny_llm(tokenizer, hidden_size=hidden_size, layers=num_layers, heads=num_heads, seed=seed)
 
+
+def t5_config(tokenizer=None, hidden_size: int = 2048, num_layers: int = 24, num_heads: int = 32,
+              d_ff: int | None = None, vocab_size: int = 32128) -> T5Config:
+    """A gated-GELU T5 (FlanT5's architecture); the defaults are FlanT5-XL's shape."""
+    kwargs = {}
+    if tokenizer is not None:
+        kwargs = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    return T5Config(**{"vocab_size": vocab_size, **kwargs}, d_model=hidden_size, d_ff=d_ff or 4 * hidden_size,
+                    d_kv=hidden_size // num_heads, num_layers=num_layers, num_heads=num_heads,
+                    feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False)
+
+
+def tiny_t5(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0):
+    """A random T5 matched to the tiny T5 tokenizer (the FlanT5 Mid-Align path on CPU)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T5ForConditionalGeneration(t5_config(tokenizer, hidden_size, num_layers, num_heads)).eval()
+
+
+def pretrained_t5(tokenizer, path: str | None, dtype: str | None = None, trust_remote_code: bool = False):
+    """FlanT5 from a local transformers folder (`model.llm.path`)."""
+    path = require_path(path, "model.llm.path")
+    if not (Path(path) / "config.json").exists():
+        raise ConfigError(f"model.llm.path={path} has no config.json: point it at a transformers FlanT5 folder")
+    return AutoModelForSeq2SeqLM.from_pretrained(path, dtype=DTYPES.get(str(dtype)), local_files_only=True,
+                                                 trust_remote_code=trust_remote_code)
+
+
+def pretrained_llm(tokenizer, path: str | None, dtype: str | None = None, trust_remote_code: bool = False):
+    """A decoder-only LLM (Vicuna-7B in the paper) from a local transformers folder (`model.llm.path`)."""
+    model, _ = load_llm(require_path(path, "model.llm.path"), dtype=DTYPES.get(str(dtype)),
+                        trust_remote_code=trust_remote_code)
+    return model
+
+
+def llama_7b_random(tokenizer, vocab_size: int = 32000, hidden_size: int = 4096, dtype: str = "float32",
+                    device: str | torch.device | None = None):
+    """Llama-7B's shape with random weights, built directly on `device` (default: the GPU when there is
+    one) in its dtype: 6.7B fp32 parameters on the host first would cost 27 GB. `device="meta"` gives
+    the shapes without memory."""
+    config = llama_7b_config(vocab_size=vocab_size, hidden_size=hidden_size)
+    config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES.get(str(dtype), torch.float32))
+    try:
+        with torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the projector and BiDiffuser (`model.projector`, `model.bidiffuser`)
+
+
+def build_projector(cfg: dict) -> Projector:
     p = cfg["model"]["projector"]
     tokens = int(cfg["model"]["num_image_tokens"]) if p.get("standardize") else 0
     return Projector(int(p["in_dim"]), int(p["hidden_dim"]), int(p["out_dim"]), standardize_tokens=tokens)
@@ -161,8 +141,6 @@ def build_projector(cfg: dict):
 def build_bidiffuser(cfg: dict, device: str | torch.device | None = None):
     """The assembled BiDiffuser pipeline for `model.bidiffuser`; `weights` (a previous stage's export)
     replaces every part's weights when set."""
-    from easygen.bidiffuser import BiDiffuser
-
     b = cfg["model"]["bidiffuser"]
     sampler = dict(b.get("sampler") or {})
     sample_seed = int(sampler.pop("seed", 1234))  # the sampler's seed; `seed` below builds tiny weights
@@ -181,8 +159,6 @@ def build_bidiffuser(cfg: dict, device: str | torch.device | None = None):
         raise ConfigError(f"model.bidiffuser.preset={preset!r}: choose tiny|v1|v1-random")
     pipe.seed = sample_seed
     if b.get("weights"):
-        from easygen.checkpoint import load_state_dict_file, record_load
-
         sd = load_state_dict_file(require_path(b["weights"], "model.bidiffuser.weights"))
         missing, unexpected = pipe.load_state_dict(sd, strict=False)
         if unexpected or [k for k in missing if not k.startswith(("vae.", "clip_image.", "clip_text."))]:
@@ -194,68 +170,3 @@ def build_bidiffuser(cfg: dict, device: str | torch.device | None = None):
     for p in pipe.parameters():
         p.requires_grad_(False)
     return pipe.eval() if device is None else pipe.eval().to(device)
-
-
-def meta_models(cfg: dict) -> dict:
-    """The preset's networks at their real shapes on the meta device (no memory, no weights): how
-    a recipe is checked on a machine that could not hold it."""
-    from easygen.bidiffuser import UViT, UViTConfig
-
-    m = cfg["model"]
-    b = m["bidiffuser"]
-    uvit_cfg = UViTConfig.tiny() if b["preset"] == "tiny" else UViTConfig.v1()
-    uvit_cfg = UViTConfig(**{**uvit_cfg.__dict__, **dict(b.get("uvit_config") or {})})
-    out = {}
-    with torch.device("meta"):
-        out["uvit"] = UViT(uvit_cfg)
-        out["projector"] = build_projector(cfg)
-        llm = m["llm"]
-        if llm["preset"] == "tiny-t5":
-            from transformers import T5Config, T5ForConditionalGeneration
-
-            h, heads = int(llm["hidden_size"]), int(llm["num_heads"])
-            out["llm"] = T5ForConditionalGeneration(
-                T5Config(
-                    vocab_size=int(llm["vocab_size"]),
-                    d_model=h,
-                    d_ff=4 * h,
-                    d_kv=h // heads,
-                    num_layers=int(llm["num_layers"]),
-                    num_heads=heads,
-                    feed_forward_proj="gated-gelu",
-                )
-            )
-        elif llm["preset"] == "t5":
-            from transformers import T5Config, T5ForConditionalGeneration
-
-            out["llm"] = T5ForConditionalGeneration(
-                T5Config(
-                    d_model=2048,
-                    d_ff=5120,
-                    num_layers=24,
-                    num_heads=32,
-                    d_kv=64,
-                    vocab_size=32128,
-                    feed_forward_proj="gated-gelu",
-                )
-            )
-        elif llm["preset"] == "tiny":
-            from transformers import LlamaConfig, LlamaForCausalLM
-
-            h = int(llm["hidden_size"])
-            out["llm"] = LlamaForCausalLM(
-                LlamaConfig(
-                    vocab_size=int(llm["vocab_size"]),
-                    hidden_size=h,
-                    intermediate_size=4 * h,
-                    num_hidden_layers=int(llm["num_layers"]),
-                    num_attention_heads=int(llm["num_heads"]),
-                )
-            )
-        else:
-            from transformers import LlamaForCausalLM
-
-            from easygen.llm import llama_7b_config
-
-            out["llm"] = LlamaForCausalLM(llama_7b_config(hidden_size=int(llm["hidden_size"])))
-    return out

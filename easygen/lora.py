@@ -1,4 +1,4 @@
-"""LoRA for the EasyGen LLM through peft (SPEC §5).
+"""LoRA for the EasyGen LLM through peft (the paper's training recipe).
 
 The paper's LoRA stage: rank 8, alpha 16, dropout 0.05 on every Linear of the LLM except ``lm_head``;
 the projector is outside the LLM and stays fully trainable. ``merge_lora`` folds the adapters into

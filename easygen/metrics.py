@@ -1,4 +1,4 @@
-"""Evaluation metrics: COCO caption scores, VQAv2 accuracy, FID and CLIP score (SPEC §6).
+"""Evaluation metrics: COCO caption scores, VQAv2 accuracy, FID and CLIP score (the paper's evaluation).
 
 Captions follow the coco-caption protocol (Chen et al. 2015, "Microsoft COCO Captions: Data Collection
 and Evaluation Server"; code: pycocoevalcap): PTB-tokenise predictions and references with Stanford's

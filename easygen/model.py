@@ -1,4 +1,4 @@
-"""The EasyGen model on the LLM side: projector + decoder-only LLM (SPEC §1, §4).
+"""The EasyGen model on the LLM side: projector + decoder-only LLM (the paper's overview and the paper's LLM side).
 
 The 77x768 i2t feature of an image (BiDiffuser's text latent through ``decode_prefix``) goes through
 the projector to 77 soft tokens of the LLM's width, which replace the placeholder positions of the
@@ -184,7 +184,7 @@ class EasyGen(nn.Module):
 
         Forward: 2 FLOPs per weight of every matmul (embedding lookups excluded, ``lm_head`` included)
         plus attention's QK^T and AV, 4 * layers * seq_len * width. Training adds the backward pass
-        to the inputs (2N, paid even by a frozen LLM because the projector needs the gradient, SPEC §8)
+        to the inputs (2N, paid even by a frozen LLM because the projector needs the gradient, experiments/RESULTS.md)
         and weight gradients (2N) for trainable weights only; attention backward is twice its forward.
         """
         emb = self.llm.get_input_embeddings().weight

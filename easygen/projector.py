@@ -1,4 +1,4 @@
-"""The projector between BiDiffuser and the LLM (SPEC §4).
+"""The projector between BiDiffuser and the LLM (the paper's LLM side).
 
 ``Linear(768, 3072) -> GELU -> Linear(3072, H)`` applied per position: each of the 77 rows of the
 i2t feature (``decode_prefix`` of the sampled text latent, 77x768) becomes one soft token of the

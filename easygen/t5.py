@@ -1,4 +1,4 @@
-"""EasyGen with FlanT5: the "Mid-Align" variant of the paper (SPEC §4).
+"""EasyGen with FlanT5: the "Mid-Align" variant of the paper (the paper's LLM side).
 
 The frozen T5 encoder reads the text prompt; the projected BiDiffuser feature (77 soft tokens of width
 ``d_model``) is inserted into the encoder *output* sequence, in front of the prompt's encoder states,

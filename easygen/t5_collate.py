@@ -1,4 +1,4 @@
-"""Batch collation for EasyGen with FlanT5 ("Mid-Align", SPEC §4).
+"""Batch collation for EasyGen with FlanT5 ("Mid-Align", the paper's LLM side).
 
 The T5 encoder reads the text prompt only: the image does not sit inside the prompt but in front of
 the encoder's output states (``EasyGenT5.encode``), so the ``<image>`` marker is dropped from the text.

@@ -1,4 +1,4 @@
-"""Conversation templates, prompt rendering and label masking for the LLM side of EasyGen (SPEC §4).
+"""Conversation templates, prompt rendering and label masking for the LLM side of EasyGen (the paper's LLM side).
 
 A template is data: how the system message, a user turn and an assistant answer are written around
 their content. ``render`` turns LLaVA-style turns (``[{"from": "human"|"gpt", "value": ...}]``) into a
@@ -54,7 +54,7 @@ class Template:
 
 
 TEMPLATES: dict[str, Template] = {
-    # FastChat "vicuna_v1.1": sep " ", sep2 "</s>". With the empty system message of SPEC §4 the prompt
+    # FastChat "vicuna_v1.1": sep " ", sep2 "</s>". With the empty system message of the paper's LLM side the prompt
     # starts at "USER:" (FastChat would emit one leading separator; a lone space tokenises to nothing
     # useful and the paper's prompt starts at "USER:").
     "vicuna_v1.1": Template(name="vicuna_v1.1"),
@@ -106,7 +106,7 @@ def caption_prompt(rng: random.Random) -> str:
 
 
 def vqa_prompt(question: str) -> str:
-    """SPEC §4: ``"<question> please giving an short answer."`` (the reference's wording, kept)."""
+    """the paper's LLM side: ``"<question> please giving an short answer."`` (the reference's wording, kept)."""
     return question.strip() + VQA_SUFFIX
 
 

@@ -1,6 +1,6 @@
 """Throughput of the two LLM training steps of EasyGen, ours against the reference configuration.
 
-1. Alignment (SPEC §5 "pretrain"): frozen Llama-7B-shape LLM, 77 image tokens + ~100 text tokens per
+1. Alignment (the paper's training recipe "pretrain"): frozen Llama-7B-shape LLM, 77 image tokens + ~100 text tokens per
    sample, projector trainable, batch 32. The reference (EasyGen/LLaVA code: transformers + SDPA,
    gradient checkpointing, batches padded to their longest sample in random order) against ours: no
    checkpointing (a frozen LLM stores no weight gradients, so the activations fit) and length-bucketed

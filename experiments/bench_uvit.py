@@ -6,7 +6,7 @@ uncond batched). Prints samples/s, MFU against 989 TFLOP/s dense bf16 (H100/H200
 ``UViT.flops_per_sample`` (6.986 TFLOP per 512^2 training sample), and ours/reference ratios.
 
 Precision recipes (``--precision``), so that speedups are measured, not assumed:
-  autocast  fp32 weights + bf16 autocast (the reference recipe, SPEC section 8 anchor: 59.9 samples/s on H200)
+  autocast  fp32 weights + bf16 autocast (the reference recipe, the reference section 8 anchor: 59.9 samples/s on H200)
   bf16      bf16 weights in the network, fp32 master copy held by the optimiser step (cast after each step)
 ``--compile`` wraps each model in torch.compile. ``--tiny`` runs the test-sized config on CPU in seconds.
 

@@ -34,18 +34,31 @@ def test_every_group_choice_composes(group, choice):
 
 @pytest.mark.parametrize("experiment", choices("experiment"))
 def test_every_experiment_composes_and_instantiates_on_meta(experiment):
-    from easygen.factories import meta_models
+    from transformers import T5ForConditionalGeneration
+
+    from easygen.bidiffuser import UViT, UViTConfig
+    from easygen.factories import build_projector, llama_7b_random, t5_config
     from easygen.stages.checks import validate
 
     cfg = compose_resolved([f"experiment={experiment}"])
     # the paper's paths are required (???) until a user sets them
     assert {"model.bidiffuser.uvit", "model.llm.path"} <= set(OmegaConf.missing_keys(cfg.model))
     plain = OmegaConf.to_container(cfg.model, resolve=True, throw_on_missing=False)
-    models = meta_models({"model": plain, "seed": 0})
-    assert sum(p.numel() for p in models["uvit"].parameters()) == 952_509_520
-    assert all(p.is_meta for p in models["llm"].parameters())
-    linears = [m for m in models["projector"].modules() if isinstance(m, torch.nn.Linear)]
+    # the real shapes on the meta device, through the factories of the random-weight presets
+    with torch.device("meta"):
+        uvit = UViT(UViTConfig(**{**UViTConfig.v1().__dict__, **plain["bidiffuser"]["uvit_config"]}))
+        if cfg.model.llm.preset == "t5":
+            llm = T5ForConditionalGeneration(t5_config(hidden_size=cfg.model.llm.hidden_size))
+        else:
+            llm = llama_7b_random(None, hidden_size=cfg.model.llm.hidden_size, device="meta")
+        projector = build_projector({"model": plain})
+    assert sum(p.numel() for p in uvit.parameters()) == 952_509_520
+    assert all(p.is_meta for p in llm.parameters())
+    assert llm.config.hidden_size == cfg.model.projector.out_dim == cfg.model.llm.hidden_size
+    linears = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)]
     assert (linears[0].in_features, linears[-1].out_features) == (cfg.model.feature_dim, cfg.model.llm.hidden_size)
+    # the configured factories are the ones that load the weights from the (missing) paths
+    assert cfg.model.llm.net._target_ in ("easygen.factories.pretrained_llm", "easygen.factories.pretrained_t5")
     for _name, cb in cfg.callbacks.items():
         if cb is not None:
             instantiate(OmegaConf.merge(cb, {"dirpath": "/tmp/ckpt"} if "dirpath" in cb else {}))

@@ -1,7 +1,7 @@
 """The LLM stages on the tiny preset, through the real configs and the runner's data and module builders:
 what `stage=pretrain` and `stage=instruct lora=on|off` train (every other parameter bit-identical),
 the three feature sources, the projector's own learning rate, small LoRA checkpoints, the FlanT5
-Mid-Align path (`model.llm.preset=tiny-t5`) and the shuffled-images control."""
+Mid-Align path (`model=tiny_t5`) and the shuffled-images control."""
 
 from __future__ import annotations
 
@@ -369,17 +369,22 @@ def test_t5_collator_prompt_labels_and_captions():
 
 
 def test_t5_mid_align_stage(data_dir, tmp_path):
-    """`model.llm.preset=tiny-t5`: EasyGenT5 in the stage module; pretrain trains only the projector, with the
-    feature-matching term in the loss; its loss equals LM loss + weight * MSE; generation gives text."""
+    """`model=tiny_t5`: EasyGenT5Module (model.module) with EasyGenT5; pretrain trains only the projector,
+    with the feature-matching term in the loss; its loss equals LM loss + weight * MSE; generation gives
+    text; the checkpoint is refused by the exporter (decoder-only LLMs only)."""
+    from easygen.errors import ConfigError
+    from easygen.lit.easygen_t5_module import EasyGenT5Module
+    from easygen.stages.export import export_checkpoint
     from easygen.t5 import EasyGenT5
 
     cfg = make_cfg(
         data_dir,
         tmp_path,
-        ["model.llm.preset=tiny-t5", "stage.feature_source=captions", "model.llm.mid_align_weight=0.5"],
+        ["model=tiny_t5", "stage.feature_source=captions", "model.llm.mid_align_weight=0.5"],
     )
-    module, before, _ = fit(cfg, steps=2)
-    assert isinstance(module.model, EasyGenT5)
+    module, before, _ = fit(cfg, steps=2, ckpt_dir=tmp_path / "ckpt")
+    assert type(module) is EasyGenT5Module and isinstance(module.model, EasyGenT5)
+    assert module.llm is module.model.t5
     # the preset's tokenizer is a real T5 one (tests/test_t5_tokenizer.py), the embedding sized to it
     from transformers import T5TokenizerFast
 
@@ -417,11 +422,42 @@ def test_t5_mid_align_stage(data_dir, tmp_path):
         module.eval_collate([dict(s, image=torch.rand(3, size, size)) for s in samples]), max_new_tokens=4
     )
     assert len(res["predictions"]) == 2 and all(isinstance(t, str) for t in res["predictions"])
+    # the generated ids are the model's own greedy decoding, decoded by the T5 tokenizer
+    batch = module.eval_collate([dict(s, image=torch.rand(3, size, size)) for s in samples])
+    feats = module.image_features(batch)
+    ids = module.model.generate(
+        batch["input_ids"], batch["attention_mask"], features=feats, max_new_tokens=4, num_beams=1, do_sample=False
+    )
+    assert module.generate_texts(batch, feats, 4, 1) == tok.batch_decode(ids, skip_special_tokens=True)
+    # every sample needs a picture (Mid-Align has nowhere else to put the image)
+    with pytest.raises(ValueError, match="needs an image in every sample"):
+        module.generate_texts(batch, None, 4, 1)
+    with pytest.raises(ConfigError, match="FlanT5 variant is not supported"):
+        export_checkpoint(str(tmp_path / "ckpt" / "last.ckpt"), str(tmp_path / "export"))
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "cls"),
+    [
+        ("tiny", "easygen.lit.easygen_module.EasyGenModule"),
+        ("tiny_t5", "easygen.lit.easygen_t5_module.EasyGenT5Module"),
+    ],
+)
+def test_model_config_names_the_llm_module(data_dir, tmp_path, model, cls):
+    """`model.module` chooses the LightningModule for pretrain, instruct and eval alike."""
+    from easygen.stages.build import lightning_module
+    from easygen.stages.evaluate import _module
+
+    for stage in ("stage=pretrain", "stage=instruct", "stage=eval"):
+        cfg = make_cfg(data_dir, tmp_path, [stage, f"model={model}"])
+        module = _module(cfg) if stage == "stage=eval" else lightning_module(cfg)
+        assert f"{type(module).__module__}.{type(module).__qualname__}" == cls, stage
 
 
 def test_t5_instruct_trains_decoder_not_encoder(data_dir, tmp_path):
     cfg = make_cfg(
-        data_dir, tmp_path, ["stage=instruct", "model.llm.preset=tiny-t5", "stage.feature_source=captions"]
+        data_dir, tmp_path, ["stage=instruct", "model=tiny_t5", "stage.feature_source=captions"]
     )
     module, before, _ = fit(cfg, steps=2)  # the warmup starts at lr 0 (transformers), so one step would not move
     diff = changed(module, before)
@@ -437,6 +473,6 @@ def test_t5_with_lora_is_a_config_error(data_dir, tmp_path):
     from easygen.errors import ConfigError
     from easygen.stages.build import lightning_module
 
-    cfg = make_cfg(data_dir, tmp_path, ["stage=instruct", "lora=on", "model.llm.preset=tiny-t5"])
+    cfg = make_cfg(data_dir, tmp_path, ["stage=instruct", "lora=on", "model=tiny_t5"])
     with pytest.raises(ConfigError, match="lora=off"):
         lightning_module(cfg)

@@ -154,13 +154,9 @@ def test_text_after_a_special_token(built, legacy):
 
 
 def tiny_t5(tok):
-    from easygen.factories import build_llm
+    from easygen.factories import tiny_t5 as build
 
-    cfg = {
-        "seed": 0,
-        "model": {"llm": {"preset": "tiny-t5", "hidden_size": 32, "num_heads": 4, "num_layers": 2}},
-    }
-    return build_llm(cfg, tok)
+    return build(tok, hidden_size=32, num_layers=2, num_heads=4, seed=0)
 
 
 def real_ids(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
@@ -293,7 +289,7 @@ def test_generation_starts_from_pad(built):
 
 @pytest.mark.slow
 def test_tiny_t5_pretrain_then_eval_cli(tmp_path):
-    """`model.llm.preset=tiny-t5` through run.py: two pretrain steps, then stage=eval task=coco_caption from
+    """`model=tiny_t5` through run.py: two pretrain steps, then stage=eval task=coco_caption from
     the checkpoint; the scores in results.json are those of the predictions written to predictions.json."""
     import json
     import os
@@ -304,7 +300,7 @@ def test_tiny_t5_pretrain_then_eval_cli(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1")
     env.pop("WANDB_API_KEY", None)
     common = [
-        "model.llm.preset=tiny-t5",
+        "model=tiny_t5",
         *TINY,
         f"paths.data_dir={tmp_path}/data",
         f"paths.log_dir={tmp_path}/logs",

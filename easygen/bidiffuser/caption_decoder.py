@@ -1,4 +1,4 @@
-"""UniDiffuser's caption decoder: GPT-2 prompted with the text latent (SPEC §1-3).
+"""UniDiffuser's caption decoder: GPT-2 prompted with the text latent (the paper).
 
 The text latent ``y`` (``[B, 77, 64]``) is mapped back to CLIP-L's width by ``decode_prefix``
 (Linear 64 -> 768) and fed to GPT-2 small as 77 prefix embeddings, then the caption tokens follow

@@ -1,4 +1,4 @@
-"""The LightningModule of BiDiffuser fine-tuning (`stage=bidiffuser`, SPEC §3, §5): the U-ViT trained
+"""The LightningModule of BiDiffuser fine-tuning (`stage=bidiffuser`, the paper's BiDiffuser objective and the paper's training recipe): the U-ViT trained
 with the paper's two-conditional loss (or the reference's / UniDiffuser's, by configuration) on
 image-caption pairs, an EMA of its weights, and validation captions from the EMA network through the
 caption decoder.
@@ -10,6 +10,8 @@ latent, as the reference trains from precomputed features), computed from the pi
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 from pathlib import Path
 
@@ -19,8 +21,14 @@ import torch
 
 from data_modules.encoder_outputs import ENCODER_MEMBERS, ShardMembers, encoder_outputs
 from data_modules.stage_datamodule import log_skipped
+from easygen.bidiffuser import load_uvit, save_uvit
+from easygen.bidiffuser.autoencoder import sample_latent
+from easygen.bidiffuser.ema import EMA
+from easygen.bidiffuser.loss import bidiffuser_loss
+from easygen.checkpoint import save_state_dict_file
 from easygen.errors import ConfigError
 from easygen.factories import build_bidiffuser
+from easygen.lit.fsdp import shard_uvit
 from easygen.lit.optim import build_optimizer
 
 ENCODER_SOURCES = ("auto", "precomputed", "online")
@@ -165,7 +173,6 @@ class BiDiffuserModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.bidiffuser is not None:
             return
-        from easygen.bidiffuser.ema import EMA
 
         pipe = self._build_pipeline()
         s = self.stage_cfg
@@ -186,8 +193,6 @@ class BiDiffuserModule(pl.LightningModule):
         )
         self.ema_uvit = self.ema.module  # registered here: checkpointed as ema_uvit.*
         if self.device_mesh is not None:
-            from easygen.lit.fsdp import shard_uvit
-
             # the EMA copy is sharded the same way, so that its shards line up with the live ones
             shard_uvit(self.bidiffuser.uvit, self.device_mesh, getattr(self.trainer.strategy, "sharding", {}))
             shard_uvit(self.ema_uvit, self.device_mesh, getattr(self.trainer.strategy, "sharding", {}))
@@ -211,8 +216,6 @@ class BiDiffuserModule(pl.LightningModule):
     def encoder_targets(self, batch: dict) -> dict[str, torch.Tensor]:
         """z0, clip0, y0 for the loss (and the captions' CLIP-L states when the caption decoder trains):
         from the batch's precomputed outputs, or the frozen encoders."""
-        from easygen.bidiffuser.autoencoder import sample_latent
-
         pipe = self.bidiffuser
         out = {}
         with torch.no_grad():
@@ -269,8 +272,6 @@ class BiDiffuserModule(pl.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def training_step(self, batch, batch_idx):
-        from easygen.bidiffuser.loss import bidiffuser_loss
-
         pipe = self.bidiffuser
         t = self.encoder_targets(batch)
         s = self.stage_cfg
@@ -369,12 +370,6 @@ class BiDiffuserModule(pl.LightningModule):
         (the fields the weights do not imply, e.g. `num_heads`: pass them to `load_uvit` or as
         `model.bidiffuser.uvit_config`) and `bidiffuser/bidiffuser.safetensors` (every part, for
         `model.bidiffuser.weights`)."""
-        import dataclasses
-        import json
-
-        from easygen.bidiffuser import load_uvit, save_uvit
-        from easygen.checkpoint import save_state_dict_file
-
         folder = Path(out) / "bidiffuser"
         state = self.ema_pipeline_state()  # collective under FSDP: every rank gathers
         if self.trainer.is_global_zero:

@@ -1,6 +1,9 @@
 """The LightningModule of the LLM side: alignment (`stage=pretrain`) and instruction tuning
-(`stage=instruct`, `lora=off|on`), evaluation by generation. What is frozen, where the image features
-come from and which loss runs are configuration (SPEC §4, §5)."""
+(`stage=instruct`, `lora=off|on`), evaluation by generation, with a decoder-only LLM (Vicuna-7B in the
+paper). What is frozen, where the image features come from and which loss runs are configuration
+(SPEC §4, §5). A variant with another kind of LLM subclasses it and overrides the steps that differ
+(`build_model`, `forward_loss`, `generate_texts`, ...); `model.module` names the class a model config
+trains."""
 
 from __future__ import annotations
 
@@ -10,17 +13,33 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
+from data_modules.shards import ShardIndexDataset
 from data_modules.stage_datamodule import log_skipped
+from easygen.checkpoint import load_state_dict_file, record_load, save_state_dict_file
 from easygen.clean_text import clean_text
+from easygen.collate import EasyGenCollator
 from easygen.errors import ConfigError
-from easygen.factories import build_bidiffuser, build_llm, build_llm_tokenizer, build_projector, is_t5
+from easygen.factories import build_bidiffuser, build_projector
+from easygen.lit import feature_stats
+from easygen.lit.config import instantiate
+from easygen.lit.fsdp import shard_easygen
 from easygen.lit.optim import build_optimizer
+from easygen.lora import apply_lora, save_merged
+from easygen.model import EasyGen
 
 log = logging.getLogger("easygen")
 
 
 class EasyGenModule(pl.LightningModule):
+    # builds the training and evaluation batches from the samples (prompt template, image marker, labels)
+    collator_class = EasyGenCollator
+    # the LLM is a decoder-only transformers model that `easygen.export` can write as a standalone folder
+    # (`stage.export_merged`, `python -m easygen.stages.export`)
+    standalone_llm_export = True
+
     def __init__(self, cfg: dict):
         super().__init__()
         self.save_hyperparameters({"cfg": cfg})
@@ -32,15 +51,8 @@ class EasyGenModule(pl.LightningModule):
         self.feature_source = self.stage_cfg.get("feature_source", "auto")
         # the "shuffled images" control: captions trained against other samples' pictures
         self.shuffle_features = bool(self.stage_cfg.get("shuffle_features", False))
-        self.is_t5 = is_t5(cfg)
-        if self.is_t5 and self.lora_cfg.get("enabled") and self.stage_cfg.get("train_llm"):
-            raise ConfigError(
-                "lora=on is for decoder-only LLMs; with model.llm.preset=t5|tiny-t5 use lora=off"
-            )
-        self.tokenizer = build_llm_tokenizer(cfg)
-        from easygen.collate import EasyGenCollator
-        from easygen.t5_collate import T5Collator
-
+        self.check_config()
+        self.tokenizer = instantiate(cfg["model"]["llm"]["tokenizer"])
         m = cfg["model"]
         kw = dict(
             template=m["template"],
@@ -49,9 +61,8 @@ class EasyGenModule(pl.LightningModule):
         )
         # caption-as-image: features come from the captions in the step, no pixels are loaded
         kw["deferred_features"] = self.feature_source == "captions"
-        collator = T5Collator if self.is_t5 else EasyGenCollator
-        self.train_collator = collator(self.tokenizer, seed=int(cfg.get("seed", 0)), **kw)
-        self.eval_collator = collator(self.tokenizer, seed=0, **kw)
+        self.train_collator = self.collator_class(self.tokenizer, seed=int(cfg.get("seed", 0)), **kw)
+        self.eval_collator = self.collator_class(self.tokenizer, seed=0, **kw)
         self.eval_collator.eval_mode = True
         self.model = None
         self.bidiffuser = None
@@ -61,6 +72,9 @@ class EasyGenModule(pl.LightningModule):
         # model.projector.standardize: fit the statistics when the model is built for training; a module
         # built to load a checkpoint (easygen.stages.export) sets it False and takes the checkpoint's own
         self.fit_standardizer_on_configure = True
+
+    def check_config(self) -> None:
+        """Settings this LLM cannot train with, refused before anything is built (none here)."""
 
     # -- data -----------------------------------------------------------------------------------
     @property
@@ -85,17 +99,10 @@ class EasyGenModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from easygen.model import EasyGen
-        from easygen.t5 import EasyGenT5
-
-        llm = build_llm(self.cfg, self.tokenizer)
+        llm = instantiate(self.cfg["model"]["llm"]["net"], tokenizer=self.tokenizer)
         if self.cfg["model"]["llm"].get("gradient_checkpointing"):
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.is_t5:
-            weight = float(self.cfg["model"]["llm"].get("mid_align_weight", 1.0))
-            self.model = EasyGenT5(llm, build_projector(self.cfg), align_weight=weight)
-        else:
-            self.model = EasyGen(llm, build_projector(self.cfg), tokenizer=self.tokenizer)
+        self.model = self.build_model(llm)
         if self.feature_source != "extracted":
             self.bidiffuser = build_bidiffuser(self.cfg)
         self._set_trainable()
@@ -110,14 +117,20 @@ class EasyGenModule(pl.LightningModule):
             elif self.fit_standardizer_on_configure:
                 self.fit_feature_standardizer()
         if self.device_mesh is not None:
-            from easygen.lit.fsdp import shard_easygen
+            self.shard(self.device_mesh, getattr(self.trainer.strategy, "sharding", {}))
 
-            shard_easygen(self, self.device_mesh, getattr(self.trainer.strategy, "sharding", {}))
+    def build_model(self, llm: nn.Module) -> nn.Module:
+        """The LLM and the projector assembled: image tokens spliced into the LLM's input embeddings."""
+        return EasyGen(llm, build_projector(self.cfg), tokenizer=self.tokenizer)
+
+    def shard(self, device_mesh, strategy_cfg: dict) -> None:
+        """FSDP2 (`strategy=fsdp`): one unit per decoder layer (easygen/lit/fsdp.py)."""
+        shard_easygen(self, device_mesh, strategy_cfg)
 
     @property
     def llm(self):
-        """The language model inside the EasyGen wrapper (`EasyGen.llm`, `EasyGenT5.t5`)."""
-        return self.model.t5 if self.is_t5 else self.model.llm
+        """The language model inside the EasyGen wrapper."""
+        return self.model.llm
 
     def _set_trainable(self) -> None:
         m = self.model
@@ -125,28 +138,14 @@ class EasyGenModule(pl.LightningModule):
             p.requires_grad_(False)
         for p in m.projector.parameters():
             p.requires_grad_(True)
-        if self.is_t5:
-            # Mid-Align: the T5 encoder stays frozen (the image enters after it); train_llm trains the decoder
-            if self.stage_cfg.get("train_llm"):
-                for name, p in m.t5.named_parameters():
-                    if not name.startswith("encoder.") and name != "shared.weight":
-                        p.requires_grad_(True)
-            head = m.t5.get_output_embeddings().weight
-            if self.stage_cfg.get("train_lm_head"):
-                if head is m.t5.get_input_embeddings().weight:
-                    # transformers ties T5's lm_head to the shared (encoder) embeddings: Mid-Align keeps them frozen
-                    log.info(
-                        "stage.train_lm_head: the T5 lm_head is the frozen encoder's embedding table; not trained"
-                    )
-                else:
-                    head.requires_grad_(True)
-            m.t5.train(bool(self.stage_cfg.get("train_llm", False)))
-            return
+        self._set_llm_trainable(m)
+
+    def _set_llm_trainable(self, m: nn.Module) -> None:
+        """What of the LLM trains: LoRA adapters (`lora=on`), the whole LLM (`stage.train_llm`), the
+        lm_head (`stage.train_lm_head`), or nothing."""
         # eval/chat load adapters trained by instruct, so they apply LoRA too
         uses_adapters = self.stage_cfg.get("train_llm") or self.stage_cfg.get("kind") in ("eval", "chat")
         if self.lora_cfg.get("enabled") and uses_adapters:
-            from easygen.lora import apply_lora
-
             m.llm = apply_lora(
                 m.llm,
                 r=int(self.lora_cfg["r"]),
@@ -164,8 +163,6 @@ class EasyGenModule(pl.LightningModule):
 
     def load_weights(self, path: str) -> None:
         """Start from a previous stage's weights (a Lightning checkpoint or a state dict file)."""
-        from easygen.checkpoint import load_state_dict_file, record_load
-
         if not Path(path).exists():
             raise ConfigError(
                 f"init_from={path} does not exist: set init_from to a checkpoint of an earlier stage"
@@ -195,8 +192,6 @@ class EasyGenModule(pl.LightningModule):
         this stage would compute for them). Fitted once per (training shards, settings) and cached beside the
         shards (`easygen.lit.feature_stats`); under several processes rank 0 fits or reads, the others get
         the result by broadcast. Checkpoints and `init_from` carry the statistics."""
-        from easygen.lit import feature_stats
-
         limit = int(self.cfg["model"]["projector"].get("standardize_samples") or 1024)
         eps = 1e-3
         trainer = self._trainer
@@ -236,10 +231,6 @@ class EasyGenModule(pl.LightningModule):
     @torch.no_grad()
     def _standardizer_features(self, limit: int) -> torch.Tensor:
         """The features of the first `limit` training samples ([N, L, C], float32 on the CPU)."""
-        from tqdm.auto import tqdm
-
-        from data_modules.shards import ShardIndexDataset
-
         size = int(self.cfg["model"]["image_size"])
         urls = [src["urls"] for src in self.cfg["data"]["train"]]
         feats, pending = [], []
@@ -352,26 +343,7 @@ class EasyGenModule(pl.LightningModule):
         feats = self.image_features(batch)
         if self.shuffle_features and feats is not None:
             feats = self.shuffled(feats)
-        if self.is_t5:
-            out = self.model(
-                batch["input_ids"],
-                batch["attention_mask"],
-                labels=batch["labels"],
-                features=self.t5_features(batch, feats),
-                caption_input_ids=batch.get("caption_input_ids"),
-                caption_attention_mask=batch.get("caption_attention_mask"),
-            )
-            if out.align_loss is not None:
-                self.log("train/mid_align_loss", out.align_loss, batch_size=batch["input_ids"].shape[0])
-        else:
-            out = self.model(
-                batch["input_ids"],
-                batch["attention_mask"],
-                labels=batch["labels"],
-                features=feats,
-                image_positions=batch["image_positions"],
-                has_image=batch["has_image"],
-            )
+        out = self.forward_loss(batch, feats)
         bs = batch["input_ids"].shape[0]
         self.last_batch_size = bs
         self.last_num_tokens = int(batch["attention_mask"].sum())
@@ -379,12 +351,16 @@ class EasyGenModule(pl.LightningModule):
         log_skipped(self)
         return out.loss
 
-    def t5_features(self, batch: dict, feats: torch.Tensor | None) -> torch.Tensor:
-        """Mid-Align puts the image in front of every encoder output: each sample needs a picture."""
-        if feats is None or not bool(batch["has_image"].all()):
-            ids = [i for i, h in zip(batch["ids"], batch["has_image"].tolist()) if not h]
-            raise ValueError(f"samples {ids[:5]}: the FlanT5 Mid-Align model needs an image in every sample")
-        return feats
+    def forward_loss(self, batch: dict, feats: torch.Tensor | None):
+        """The model's output on a training batch (`.loss`: the LM loss on the answer tokens)."""
+        return self.model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            labels=batch["labels"],
+            features=feats,
+            image_positions=batch["image_positions"],
+            has_image=batch["has_image"],
+        )
 
     def validation_step(self, batch, batch_idx):
         return self.predict_captions(batch)
@@ -397,26 +373,7 @@ class EasyGenModule(pl.LightningModule):
         feats = self.image_features(batch)
         max_new_tokens = int(max_new_tokens or self.stage_cfg.get("max_new_tokens", 24))
         num_beams = int(num_beams or self.stage_cfg.get("num_beams", 1))
-        if self.is_t5:
-            ids = self.model.generate(
-                batch["input_ids"],
-                batch["attention_mask"],
-                features=self.t5_features(batch, feats),
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                do_sample=False,
-            )
-            texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        else:
-            texts = self.model.generate(
-                batch["input_ids"],
-                batch["attention_mask"],
-                features=feats,
-                image_positions=batch["image_positions"],
-                has_image=batch["has_image"],
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-            )
+        texts = self.generate_texts(batch, feats, max_new_tokens, num_beams)
         # whole sequences were decoded (special tokens skipped); what a byte-level BPE leaves that is not
         # text (U+FFFD of invalid UTF-8, control bytes) is dropped: easygen/clean_text.py
         texts = [clean_text(t) for t in texts]
@@ -428,6 +385,20 @@ class EasyGenModule(pl.LightningModule):
             out["images"] = [next(pictures) if h else None for h in batch["has_image"].tolist()]
         return out
 
+    def generate_texts(
+        self, batch: dict, feats: torch.Tensor | None, max_new_tokens: int, num_beams: int
+    ) -> list[str]:
+        """The decoded answers to the batch's prompts (greedy or beam search)."""
+        return self.model.generate(
+            batch["input_ids"],
+            batch["attention_mask"],
+            features=feats,
+            image_positions=batch["image_positions"],
+            has_image=batch["has_image"],
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+        )
+
     def generate_images(self, prompts: list[str]):
         if self.bidiffuser is None:
             raise RuntimeError("text-to-image needs the BiDiffuser (stage.feature_source is 'extracted')")
@@ -435,12 +406,11 @@ class EasyGenModule(pl.LightningModule):
 
     def flops_per_sample(self) -> float:
         seq = max(1, self.last_num_tokens // max(1, self.last_batch_size))
-        if self.is_t5:
-            # 2 FLOPs per weight and token forward, backward to the inputs 2 more, weight gradients 2 if trained
-            n = sum(p.numel() for p in self.model.parameters())
-            trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-            return float(4 * n + 2 * trained) * seq
-        return float(self.model.flops_per_token(seq_len=seq, training=True)) * seq
+        return self.flops_per_token(seq) * seq
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of a `seq_len`-token sample (easygen/model.py)."""
+        return float(self.model.flops_per_token(seq_len=seq_len, training=True))
 
     # -- optimisation and checkpoints -------------------------------------------------------------
     def configure_optimizers(self):
@@ -469,8 +439,6 @@ class EasyGenModule(pl.LightningModule):
 
     def export_artifacts(self, out: Path) -> dict:
         """`easygen/trained.safetensors`: the trained weights, which the next stage's `init_from` reads."""
-        from easygen.checkpoint import save_state_dict_file
-
         state = self.trained_state()
         path = Path(out) / "easygen" / "trained.safetensors"
         if self.trainer.is_global_zero:
@@ -478,7 +446,7 @@ class EasyGenModule(pl.LightningModule):
             save_state_dict_file(state, path)
             self.tokenizer.save_pretrained(str(path.parent / "tokenizer"))
         artifacts = {"weights": str(path)}
-        if self.lora_cfg.get("enabled") and self.stage_cfg.get("export_merged") and not self.is_t5:
+        if self.lora_cfg.get("enabled") and self.stage_cfg.get("export_merged") and self.standalone_llm_export:
             artifacts["merged_llm"] = str(self.export_merged(Path(out) / "easygen" / "merged"))
         return artifacts
 
@@ -486,8 +454,6 @@ class EasyGenModule(pl.LightningModule):
         """The LoRA adapters folded into the LLM's weights: a standalone transformers folder (safetensors,
         config, tokenizer) that `AutoModelForCausalLM.from_pretrained` loads without peft; the projector
         stays in `trained.safetensors`."""
-        from easygen.lora import save_merged
-
         if self.device_mesh is not None:
             raise ConfigError("stage.export_merged needs an unsharded model: merge from a single-process run")
         if self._trainer is None or self.trainer.is_global_zero:

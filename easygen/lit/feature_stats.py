@@ -24,6 +24,10 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from data_modules.shards import expand_urls
 
 log = logging.getLogger("easygen")
 
@@ -39,8 +43,6 @@ def _file_id(path: str) -> list:
 
 
 def shard_urls(cfg: dict) -> list[str]:
-    from data_modules.shards import expand_urls
-
     return [u for src in cfg["data"]["train"] for u in expand_urls(src["urls"])]
 
 
@@ -106,8 +108,6 @@ def cache_name(key: dict) -> str:
 
 def read_cached(dirs: list[Path], key: dict) -> tuple[torch.Tensor, torch.Tensor, int, Path] | None:
     """(mean, std, samples, path) from the first folder holding this key's file, else None."""
-    from safetensors import safe_open
-
     name = cache_name(key)
     for d in dirs:
         path = d / name
@@ -128,8 +128,6 @@ def write_cached(
     dirs: list[Path], key: dict, mean: torch.Tensor, std: torch.Tensor, samples: int
 ) -> Path | None:
     """Write the statistics atomically (temporary file + rename) into the first writable folder."""
-    from safetensors.torch import save_file
-
     name = cache_name(key)
     for d in dirs:
         try:

@@ -5,26 +5,13 @@ LightningModule (`stage.module`), the DataModule (`data`), the strategy (`strate
 from __future__ import annotations
 
 import lightning.pytorch as pl
-from hydra.errors import InstantiationException
 from hydra.utils import get_class
-from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import OmegaConf
 
 from callbacks.progress import StepProgressBar
 from data_modules.stage_datamodule import StageDataModule
-from easygen.errors import ConfigError
+from easygen.lit.config import instantiate
 from easygen.stages.common import container
-
-
-def instantiate(node, *args, **kwargs):
-    """`hydra.utils.instantiate`, except that a factory's ConfigError (a check naming the key to set)
-    reaches the user as itself, not wrapped in Hydra's InstantiationException."""
-    try:
-        return hydra_instantiate(node, *args, **kwargs)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, ConfigError):
-            raise e.__cause__ from None
-        raise
 
 
 def lightning_module(cfg) -> pl.LightningModule:

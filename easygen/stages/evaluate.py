@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.utils import get_class
 from pycocoevalcap.cider.cider import Cider
 
 from callbacks.caption_eval import CaptionEvalCallback
@@ -17,7 +18,6 @@ from data_modules.stage_datamodule import StageDataModule
 from data_modules.synthetic_reader import attribute_accuracy, parse_caption, read_picture
 from easygen.checkpoint import loaded_weights
 from easygen.errors import ConfigError
-from easygen.lit.easygen_module import EasyGenModule
 from easygen.metrics import clip_score, fid_score, ptb_tokenize, require_torch_fidelity, vqa_scores
 from easygen.stages import build
 from easygen.stages.checkpoints import resolve_ckpt
@@ -25,10 +25,17 @@ from easygen.stages.common import container, ensure_data, output_dir
 
 
 def _module(cfg):
+    """The LightningModule the model config names (`model.module`: EasyGenModule, or EasyGenT5Module
+    for the FlanT5 presets), with the checkpoint as `init_from`."""
     plain = container(cfg)
     if cfg.get("ckpt_path") and not cfg.get("init_from"):
         plain["init_from"] = resolve_ckpt(cfg.ckpt_path, output_dir(cfg))
-    return EasyGenModule(plain)
+    if not plain["model"].get("module"):
+        raise ConfigError(
+            "model.module is not set: name the LightningModule of the model's LLM side, e.g. "
+            "model.module=easygen.lit.easygen_module.EasyGenModule (conf/model/*.yaml)"
+        )
+    return get_class(plain["model"]["module"])(plain)
 
 
 def eval_stage(cfg) -> dict:
@@ -63,7 +70,6 @@ def eval_stage(cfg) -> dict:
         "num_samples": len(preds),
         "loaded": loaded_weights(module),
         "artifacts": {"predictions": str(out / "predictions.json")},
-        "is_global_zero": trainer.is_global_zero,
     }
 
 

@@ -78,7 +78,7 @@ def export_checkpoint(ckpt: str, out: str) -> Path:
             f"{ckpt} is a stage=bidiffuser checkpoint: its run folder already holds bidiffuser/uvit_ema.pth "
             "(UniDiffuser's format); export the EasyGen checkpoint of a pretrain or instruct run"
         )
-    if getattr(module, "is_t5", False):
+    if not module.standalone_llm_export:
         raise ConfigError(f"{ckpt}: exporting the FlanT5 variant is not supported (decoder-only LLMs only)")
     return export_model(
         out,

@@ -1,4 +1,4 @@
-"""`stage=extract` (SPEC §5): a dataset's shards rewritten with BiDiffuser outputs beside each sample.
+"""`stage=extract` (the paper's training recipe): a dataset's shards rewritten with BiDiffuser outputs beside each sample.
 
 `stage.what` chooses what is added (a name or a list):
 - `features`: BiDiffuser i2t `decode_prefix(y)` as `KEY.features.npy` [L, D], the LLM stages' image feature;
@@ -194,68 +194,64 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _device(cfg) -> torch.device:
+    if torch.cuda.is_available() and str(cfg.trainer.accelerator) != "cpu":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _pipeline(cfg, device: torch.device):
+    """The BiDiffuser of `model.bidiffuser`; a file that does not load is a ConfigError naming the preset."""
+    torch.manual_seed(int(cfg.seed))
+    try:
+        return build_bidiffuser(container(cfg), device=device)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        msg = " ".join(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).split())
+        raise ConfigError(
+            f"model.bidiffuser (preset {cfg.model.bidiffuser.preset}) cannot be loaded: {msg}"
+        ) from None
+
+
+def _split_urls(cfg, split: str) -> list[str]:
+    """The local shards of a data split (none when the split is not configured)."""
+    spec = cfg.data.get(split) if split != "train" else [s["urls"] for s in cfg.data.train]
+    if not spec:
+        return []
+    urls = expand_urls(list(spec) if not isinstance(spec, str) else spec)
+    if any(u.startswith("pipe:") for u in urls):
+        raise ConfigError(f"stage=extract reads local shards only; data.{split} has pipe: urls")
+    names = [Path(u).name for u in urls]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.{split}: shard file names repeat across folders; extract writes them to one folder")
+    return urls
+
+
 def extract_stage(cfg) -> dict:
     rank, world = _rank_world()
     what = parse_what(cfg.stage.get("what", "features"))
     dtype_name = str(cfg.stage.get("dtype", "float16"))
     if dtype_name not in DTYPES:
         raise ConfigError(f"stage.dtype={dtype_name!r}: choose {'|'.join(DTYPES)}")
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available() and str(cfg.trainer.accelerator) != "cpu"
-        else torch.device("cpu")
-    )
+    device = _device(cfg)
     ensure_data(cfg)
-    torch.manual_seed(int(cfg.seed))
-    try:
-        pipe = build_bidiffuser(container(cfg), device=device)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        msg = " ".join(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).split())
-        raise ConfigError(
-            f"model.bidiffuser (preset {cfg.model.bidiffuser.preset}) cannot be loaded: {msg}"
-        ) from None
+    pipe = _pipeline(cfg, device)
     out_root = Path(str(cfg.stage.out_dir))
     settings = _settings(cfg, what)
-    report = {"source": {}, "done": [], "resumed": []}
-    t0 = time.time()
-    n_images = 0
+    done, resumed, n_images, t0 = [], [], 0, time.time()
     for split in cfg.stage.splits:
-        spec = cfg.data.get(split) if split != "train" else [s["urls"] for s in cfg.data.train]
-        if not spec:
-            continue
-        urls = expand_urls(list(spec) if not isinstance(spec, str) else spec)
-        local = [u for u in urls if not u.startswith("pipe:")]
-        if len(local) != len(urls):
-            raise ConfigError(f"stage=extract reads local shards only; data.{split} has pipe: urls")
-        names = [Path(u).name for u in urls]
-        if len(set(names)) != len(names):
-            raise ConfigError(
-                f"data.{split}: shard file names repeat across folders; extract writes them to one folder"
-            )
-        report["source"][split] = urls
+        urls = _split_urls(cfg, split)
         (out_root / split).mkdir(parents=True, exist_ok=True)
-        for i, url in enumerate(urls):
-            if i % world != rank:
-                continue
+        for url in urls[rank::world]:  # shards split across ranks
             dst = out_root / split / Path(url).name
             if _finished(out_root, split, dst, settings):
                 log.info("extract: %s already done, skipped", dst)
-                report["resumed"].append(f"{split}/{dst.name}")
+                resumed.append(f"{split}/{dst.name}")
                 continue
-            res = extract_shard(
-                pipe,
-                url,
-                dst,
-                int(cfg.model.image_size),
-                int(cfg.stage.batch_size),
-                device,
-                what=what,
-                dtype=DTYPES[dtype_name],
-                record=_record_path(out_root, split, dst.name),
-                record_extra={"settings": settings},
-            )
+            res = extract_shard(pipe, url, dst, int(cfg.model.image_size), int(cfg.stage.batch_size), device,
+                                what=what, dtype=DTYPES[dtype_name], record=_record_path(out_root, split, dst.name),
+                                record_extra={"settings": settings})
             n_images += res["samples"]
-            report["done"].append(f"{split}/{dst.name}")
+            done.append(f"{split}/{dst.name}")
             for s in res["skipped"]:
                 log.warning("extract: skipped %s in %s: %s", s["key"], s["shard"], s["reason"])
     elapsed = time.time() - t0
@@ -275,15 +271,9 @@ def extract_stage(cfg) -> dict:
         },
         "best": {},
         "checkpoints": {},
-        "extract": {
-            "rank": rank,
-            "world_size": world,
-            "written": report["done"],
-            "resumed": report["resumed"],
-        },
+        "extract": {"rank": rank, "world_size": world, "written": done, "resumed": resumed},
         "loaded": loaded_weights(pipe),
         "artifacts": {"shards": str(out_root), "manifest": str(out_root / "manifest.json")},
-        "is_global_zero": rank == 0,
     }
 
 
