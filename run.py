@@ -46,7 +46,10 @@ def with_env_switches(argv: list[str]) -> list[str]:
     """`EASYGEN_DEBUG=NAME` is the same as typing `debug=NAME` (unless the command names a debug config)."""
     debug = os.environ.get("EASYGEN_DEBUG")
     if debug and not any(a.lstrip("+~").startswith("debug=") for a in argv):
-        argv = [*argv, f"debug={debug}"]
+        # beside the command's own overrides: Hydra's parser takes them as one run of positional arguments,
+        # so one placed after `--cfg job` or `--config-dir DIR` would be refused
+        at = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), len(argv))
+        argv = [*argv[:at], f"debug={debug}", *argv[at:]]
     return argv
 
 

@@ -1,4 +1,5 @@
-"""Precomputed BiDiffuser encoder outputs carried in shards (the paper's training recipe: "features precomputed (VAE moments,
+"""Precomputed BiDiffuser encoder outputs carried in shards (the paper's training recipe: "features
+precomputed (VAE moments,
 CLIP-B/32 image, CLIP-L caption)"), as `stage=extract stage.what=encoders` writes them beside a sample:
 
 - `KEY.moments.npy`      [2C, h, w]  the VAE's (mean, logvar) of the image (a latent is drawn per step);

@@ -13,7 +13,8 @@ Layout of an export folder::
 
 ``export_model`` writes it from built models; ``load_export`` reads it back as an ``EasyGen`` with its
 tokenizer, using transformers' ``from_pretrained`` and nothing of this project's training side. Building
-the models from a training checkpoint's config is the config layer's job (``easygen.stages.export``, also the command-line front end:
+the models from a training checkpoint's config is the config layer's job (``easygen.stages.export``, also
+the command-line front end:
 ``python -m easygen.stages.export CKPT OUT``).
 """
 

@@ -1,4 +1,4 @@
-"""The EasyGen model on the LLM side: projector + decoder-only LLM (the paper's overview and the paper's LLM side).
+"""The EasyGen model on the LLM side: projector + decoder-only LLM (the paper's overview and LLM side).
 
 The 77x768 i2t feature of an image (BiDiffuser's text latent through ``decode_prefix``) goes through
 the projector to 77 soft tokens of the LLM's width, which replace the placeholder positions of the

@@ -54,6 +54,15 @@ class CountFeatures:
         monkeypatch.setattr(EasyGenModule, "image_features", counted)
 
 
+def fitted(module):
+    """The module built as for training, then its statistics fitted as the training callback does."""
+    from callbacks.feature_standardizer import fit_feature_standardizer
+
+    module.configure_model()
+    fit_feature_standardizer(module)
+    return module
+
+
 def _stats(module):
     p = module.model.projector
     return p.feature_mean.clone(), p.feature_std.clone()
@@ -66,7 +75,7 @@ def test_statistics_are_fitted_once_then_read_from_the_cache(tmp_path, monkeypat
     caplog.set_level(logging.INFO, logger="easygen")
 
     first = _module(data_dir, tmp_path / "a", [f"stage.feature_source={source}"])
-    first.configure_model()
+    fitted(first)
     assert counter.samples == 24
     assert "projector standardiser fitted on 24 training samples, cached in" in caplog.text
     cached = list(data_dir.glob("**/.easygen-cache/standardizer-*.safetensors"))
@@ -98,7 +107,7 @@ def test_statistics_are_fitted_once_then_read_from_the_cache(tmp_path, monkeypat
     counter.samples = 0
     caplog.clear()
     second = _module(data_dir, tmp_path / "b", [f"stage.feature_source={source}", "optim.lr=1e-4"])
-    second.configure_model()
+    fitted(second)
     assert counter.samples == 0
     assert f"projector standardiser read from the cache {cached[0]} (24 training samples)" in caplog.text
     assert torch.equal(_stats(second)[0], mean) and torch.equal(_stats(second)[1], std)
@@ -108,28 +117,28 @@ def test_statistics_are_fitted_once_then_read_from_the_cache(tmp_path, monkeypat
 def test_cache_key_follows_the_shards_and_the_settings(tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
     counter = CountFeatures(monkeypatch)
-    _module(data_dir, tmp_path / "a", ["stage.feature_source=captions"]).configure_model()
+    fitted(_module(data_dir, tmp_path / "a", ["stage.feature_source=captions"]))
     assert counter.samples == 24
     # another sample count: fitted again
     counter.samples = 0
-    _module(
+    fitted(_module(
         data_dir, tmp_path / "b", ["stage.feature_source=captions", "model.projector.standardize_samples=16"]
-    ).configure_model()
+    ))
     assert counter.samples == 16
     # a rewritten shard (new modification time): fitted again
     shard = sorted((data_dir).glob("**/train/*.tar"))[0]
     st = shard.stat()
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     counter.samples = 0
-    _module(data_dir, tmp_path / "c", ["stage.feature_source=captions"]).configure_model()
+    fitted(_module(data_dir, tmp_path / "c", ["stage.feature_source=captions"]))
     assert counter.samples == 24
     # no cache: fitted every time, nothing written
     counter.samples = 0
-    _module(
+    fitted(_module(
         data_dir,
         tmp_path / "d",
         ["stage.feature_source=captions", "+model.projector.standardize_cache=false"],
-    ).configure_model()
+    ))
     assert counter.samples == 24
 
 
@@ -140,8 +149,7 @@ def test_export_reads_the_checkpoint_only(tmp_path):
     from easygen.stages.export import export_checkpoint
 
     data_dir = tmp_path / "data"
-    module = _module(data_dir, tmp_path / "run", ["stage.feature_source=captions"])
-    module.configure_model()
+    module = fitted(_module(data_dir, tmp_path / "run", ["stage.feature_source=captions"]))
     state = {k: v.clone() for k, v in module.state_dict().items() if k.startswith("model.projector.")}
     # statistics no fit on these shards gives, so that the test tells the checkpoint's from a refit
     state["model.projector.feature_mean"] += 0.5

@@ -1,4 +1,5 @@
-"""The LightningModule of BiDiffuser fine-tuning (`stage=bidiffuser`, the paper's BiDiffuser objective and the paper's training recipe): the U-ViT trained
+"""The LightningModule of BiDiffuser fine-tuning (`stage=bidiffuser`, the paper's BiDiffuser objective and
+training recipe): the U-ViT trained
 with the paper's two-conditional loss (or the reference's / UniDiffuser's, by configuration) on
 image-caption pairs, an EMA of its weights, and validation captions from the EMA network through the
 caption decoder.

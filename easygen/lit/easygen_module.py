@@ -11,19 +11,15 @@ import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from data_modules.shards import ShardIndexDataset
 from data_modules.stage_datamodule import log_skipped
 from easygen.checkpoint import load_state_dict_file, record_load, save_state_dict_file
 from easygen.clean_text import clean_text
 from easygen.collate import EasyGenCollator
 from easygen.errors import ConfigError
 from easygen.factories import build_bidiffuser, build_projector
-from easygen.lit import feature_stats
 from easygen.lit.config import instantiate
 from easygen.lit.fsdp import shard_easygen
 from easygen.lit.optim import build_optimizer
@@ -69,9 +65,6 @@ class EasyGenModule(pl.LightningModule):
         self.last_batch_size = 0
         self.last_num_tokens = 0
         self._feature_cache: dict[str, torch.Tensor] = {}
-        # model.projector.standardize: fit the statistics when the model is built for training; a module
-        # built to load a checkpoint (easygen.stages.export) sets it False and takes the checkpoint's own
-        self.fit_standardizer_on_configure = True
 
     def check_config(self) -> None:
         """Settings this LLM cannot train with, refused before anything is built (none here)."""
@@ -108,14 +101,10 @@ class EasyGenModule(pl.LightningModule):
         self._set_trainable()
         if self.cfg.get("init_from"):
             self.load_weights(self.cfg["init_from"])
-        if getattr(self.model.projector, "needs_fit", False):
-            if self.stage_cfg.get("kind") != "train":
-                # eval/chat read the statistics from init_from; without them the features pass unchanged
-                log.warning(
-                    "model.projector.standardize: no fitted statistics in init_from; features unscaled"
-                )
-            elif self.fit_standardizer_on_configure:
-                self.fit_feature_standardizer()
+        if getattr(self.model.projector, "needs_fit", False) and self.stage_cfg.get("kind") != "train":
+            # eval/chat read the statistics from init_from; without them the features pass unchanged
+            # (training fits them at fit start: callbacks/feature_standardizer.py)
+            log.warning("model.projector.standardize: no fitted statistics in init_from; features unscaled")
         if self.device_mesh is not None:
             self.shard(self.device_mesh, getattr(self.trainer.strategy, "sharding", {}))
 
@@ -182,108 +171,12 @@ class EasyGenModule(pl.LightningModule):
         log.info("loaded %d tensors from %s", len(picked), path)
 
     def on_fit_start(self) -> None:
-        # a module configured with fit_standardizer_on_configure=False and trained anyway
+        # after the callbacks' on_fit_start: callbacks/feature_standardizer.py fits the statistics there
         if getattr(self.model.projector, "needs_fit", False):
-            self.fit_feature_standardizer()
-
-    def fit_feature_standardizer(self) -> None:
-        """`model.projector.standardize`: the projector's per-(position, channel) statistics from the first
-        `model.projector.standardize_samples` training samples (their extracted features, else the features
-        this stage would compute for them). Fitted once per (training shards, settings) and cached beside the
-        shards (`easygen.lit.feature_stats`); under several processes rank 0 fits or reads, the others get
-        the result by broadcast. Checkpoints and `init_from` carry the statistics."""
-        limit = int(self.cfg["model"]["projector"].get("standardize_samples") or 1024)
-        eps = 1e-3
-        trainer = self._trainer
-        world = trainer.world_size if trainer is not None else 1
-        rank0 = trainer is None or trainer.is_global_zero
-        result, error = None, None
-        if rank0:
-            try:
-                key = feature_stats.cache_key(self.cfg, self.feature_source, limit, eps)
-                dirs = feature_stats.cache_dirs(self.cfg)
-                found = feature_stats.read_cached(dirs, key)
-                if found is not None:
-                    mean, std, n, path = found
-                    result = (mean, std, f"read from the cache {path} ({n} training samples)")
-                else:
-                    feats = self._standardizer_features(limit)
-                    mean, std = self.model.projector.standardizer_statistics(feats, eps)
-                    mean, std = mean.float(), std.float()
-                    path = feature_stats.write_cached(dirs, key, mean, std, len(feats)) if dirs else None
-                    where = f"cached in {path}" if path else "not cached (model.projector.standardize_cache)"
-                    result = (mean, std, f"fitted on {len(feats)} training samples, {where}")
-            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-                if world == 1:
-                    raise
-                error = f"{type(e).__name__}: {e}"
-        if world > 1:
-            # the other ranks wait here for exactly the fit; a failure on rank 0 reaches them too
-            result, error = trainer.strategy.broadcast((result, error), src=0)
-        if error is not None:
-            raise RuntimeError(f"model.projector.standardize failed on rank 0: {error}")
-        mean, std, how = result
-        proj = self.model.projector
-        proj.set_statistics(mean.to(proj.feature_mean), std.to(proj.feature_std))
-        if rank0:
-            log.info("projector standardiser %s", how)
-
-    @torch.no_grad()
-    def _standardizer_features(self, limit: int) -> torch.Tensor:
-        """The features of the first `limit` training samples ([N, L, C], float32 on the CPU)."""
-        size = int(self.cfg["model"]["image_size"])
-        urls = [src["urls"] for src in self.cfg["data"]["train"]]
-        feats, pending = [], []
-        load = self.feature_source != "captions"
-        datasets = [(spec, ShardIndexDataset(spec, size, load_images=load)) for spec in urls]
-        total = min(limit, sum(len(ds) for _, ds in datasets))
-        bar = tqdm(total=total, desc="projector standardiser: training features", unit="sample", leave=False)
-
-        def flush():
-            if pending:
-                ids = [s.get("id", "?") for s in pending]
-                batch = {"ids": ids, "has_image": torch.ones(len(pending), dtype=torch.bool)}
-                if self.feature_source == "captions":
-                    batch["feature_texts"] = [s["captions"][0] for s in pending]
-                else:
-                    images = torch.stack([torch.as_tensor(s["image"]) for s in pending])
-                    batch["images"] = images.to(next(self.bidiffuser.parameters()).device)
-                # not through the in-memory feature cache: it would hold float16 copies on rank 0 only,
-                # and the first steps would see other features there than on the other ranks
-                feats.append(self.image_features(batch, use_cache=False).float().cpu())
-                bar.update(len(pending))
-                pending.clear()
-
-        try:
-            for spec, ds in datasets:
-                for i in range(len(ds)):
-                    if sum(len(f) for f in feats) + len(pending) >= limit:
-                        break
-                    s = ds[i]
-                    if s is None:
-                        continue
-                    if s.get("features") is not None and self.feature_source in ("auto", "extracted"):
-                        feats.append(torch.as_tensor(np.asarray(s["features"]), dtype=torch.float32)[None])
-                        bar.update(1)
-                    elif self.feature_source == "extracted":
-                        raise ConfigError(
-                            f"model.projector.standardize: sample {s.get('id')} of {spec} carries "
-                            "no features but stage.feature_source=extracted"
-                        )
-                    elif s.get("image") is not None or (
-                        self.feature_source == "captions" and s.get("captions")
-                    ):
-                        pending.append(s)
-                        if len(pending) == 32:
-                            flush()
-            flush()
-        finally:
-            bar.close()
-        if sum(len(f) for f in feats) < 2:
             raise ConfigError(
-                f"model.projector.standardize: fewer than 2 training samples with pictures in {urls}"
+                "model.projector.standardize=true but nothing fitted the projector's feature statistics: keep "
+                "callbacks.feature_standardizer (conf/callbacks/default.yaml) or set model.projector.standardize=false"
             )
-        return torch.cat(feats)[:limit]
 
     # -- features -------------------------------------------------------------------------------
     def image_features(self, batch: dict, use_cache: bool = True) -> torch.Tensor | None:

@@ -1,4 +1,5 @@
-"""AdamW with a cosine schedule and linear warmup (the paper's training recipe), with the projector in its own parameter
+"""AdamW with a cosine schedule and linear warmup (the paper's training recipe), with the projector in its
+own parameter
 group so that it can have its own learning rate (LLaVA's `create_optimizer`).
 
 The schedule is transformers' ``get_cosine_schedule_with_warmup`` (``get_cosine_with_min_lr_schedule_with_warmup``

@@ -47,8 +47,7 @@ def module_from_checkpoint(checkpoint: dict, source: str = "checkpoint"):
         cfg = {**cfg, "init_from": None}
     module = lightning_module(cfg)
     # the checkpoint carries the projector's feature statistics (model.projector.standardize): nothing is
-    # fitted here, so no training data is read
-    module.fit_standardizer_on_configure = False
+    # fitted here (that is a training callback), so no training data is read
     module.configure_model()
     state = checkpoint["state_dict"]
     own = module.state_dict()

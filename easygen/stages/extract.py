@@ -1,4 +1,5 @@
-"""`stage=extract` (the paper's training recipe): a dataset's shards rewritten with BiDiffuser outputs beside each sample.
+"""`stage=extract` (the paper's training recipe): a dataset's shards rewritten with BiDiffuser outputs
+beside each sample.
 
 `stage.what` chooses what is added (a name or a list):
 - `features`: BiDiffuser i2t `decode_prefix(y)` as `KEY.features.npy` [L, D], the LLM stages' image feature;
