@@ -13,12 +13,17 @@ scores averaged would be wrong), broadcasts the scores and logs ``<prefix>/CIDEr
 
 from __future__ import annotations
 
+import csv
+import re
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+import wandb
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from PIL import Image
 
 from easygen.metrics import caption_scores, prewarm_meteor
 
@@ -153,8 +158,6 @@ class CaptionEvalCallback(pl.Callback):
         """The caption samples beside their pictures: a W&B table (``<prefix>/caption_samples``) and, for a
         CSV logger, ``caption_samples/<prefix>_step<N>.csv`` in its folder with the pictures as PNG files
         in ``caption_samples/<prefix>_step<N>/`` (the row holds the path)."""
-        from lightning.pytorch.loggers import CSVLogger, WandbLogger
-
         if self.max_samples_table <= 0:
             return
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
@@ -163,8 +166,6 @@ class CaptionEvalCallback(pl.Callback):
             return
         rows = self._sample_rows(records)
         if wandb_loggers:
-            import wandb
-
             data = [
                 [i, wandb.Image(to_pil(im), caption=pred) if im is not None else None, pred, "\n".join(refs)]
                 for i, im, pred, refs in rows
@@ -185,8 +186,6 @@ class CaptionEvalCallback(pl.Callback):
 def to_pil(image: Any):
     """A picture as a PIL image: a float tensor/array [3, H, W] or [H, W, 3] in [0, 1], a uint8 one, or PIL."""
     import numpy as np
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
@@ -203,9 +202,6 @@ def write_sample_csv(folder: Path, name: str, rows: list[tuple[str, Any, str, li
     """``folder/name.csv`` (id, image, prediction, references) with each picture written as
     ``folder/name/<id>.png``; the image column holds that path relative to ``folder`` (empty when the
     sample had no picture)."""
-    import csv
-    import re
-
     pictures = folder / name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.csv"

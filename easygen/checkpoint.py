@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -34,8 +35,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors.torch import load_file
-
         sd = load_file(str(path), device="cpu")
     elif suffix in TORCH_SUFFIXES:
         try:
@@ -83,8 +82,6 @@ def save_state_dict_file(state_dict: dict[str, torch.Tensor], path: str | os.Pat
     os.close(fd)
     try:
         if suffix in SAFETENSORS_SUFFIXES:
-            from safetensors.torch import save_file
-
             save_file(out, tmp)
         else:
             torch.save(out, tmp)

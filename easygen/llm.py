@@ -11,12 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 
 def load_llm(path, dtype=None, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
     """Return ``(AutoModelForCausalLM, tokenizer)`` from the local folder ``path``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"LLM folder not found: {folder} (models load from local folders only)")
@@ -37,8 +36,6 @@ def load_llm(path, dtype=None, trust_remote_code: bool = False, attn_implementat
 
 def build_tiny_llm(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
     """A random ``LlamaForCausalLM`` with the tokenizer's vocabulary and special tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -61,8 +58,6 @@ def build_tiny_llm(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int
 
 def llama_7b_config(**overrides):
     """The Llama-7B / Vicuna-7B shape (6.74B parameters)."""
-    from transformers import LlamaConfig
-
     kwargs = dict(
         vocab_size=32000,
         hidden_size=4096,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
 
@@ -27,8 +28,6 @@ def apply_lora(
     ``target_modules`` is ``"all-linear"`` (every ``nn.Linear``) or a list of module-name suffixes;
     ``exclude`` lists module-name suffixes never adapted (``lm_head`` by default).
     """
-    from peft import LoraConfig, get_peft_model
-
     if isinstance(target_modules, str) and target_modules == "all-linear":
         excluded = tuple(exclude or ())
         # Resolve "all-linear" ourselves so that `exclude` is honoured exactly, for any architecture.
@@ -73,8 +72,6 @@ def merge_lora(model):
 
 def lora_state_dict(model) -> dict:
     """Adapter weights only (what a LoRA checkpoint needs besides the base model and projector)."""
-    from peft import get_peft_model_state_dict
-
     llm = _llm_of(model)
     return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(llm).items()}
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
 
 from easygen.projector import Projector
 
@@ -78,8 +79,6 @@ class EasyGenT5(nn.Module):
         caption_input_ids=None,
         caption_attention_mask=None,
     ) -> T5Output:
-        from transformers.modeling_outputs import BaseModelOutput
-
         states, mask, projected = self.encode(input_ids, attention_mask, features)
         out = self.t5(
             encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask, labels=labels
@@ -103,8 +102,6 @@ class EasyGenT5(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, features=None, **generate_kwargs):
-        from transformers.modeling_outputs import BaseModelOutput
-
         states, mask, _ = self.encode(input_ids, attention_mask, features)
         return self.t5.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask, **generate_kwargs

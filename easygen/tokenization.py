@@ -21,11 +21,15 @@ T5/FlanT5 tokenizers are (T5: Raffel et al. 2020, JMLR; the sentinels of span co
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import string
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast, T5TokenizerFast
 
 BASE_WORDS = (
     "a an the of in on at to with and or is are was were be this that these those there here it its "
@@ -56,8 +60,6 @@ SPECIALS = {
 
 
 def _train(corpus: list[str], kind: str, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     specials = list(dict.fromkeys(SPECIALS[kind].values()))
     if kind == "gpt2":
         specials.append("<|EOS|>")
@@ -96,8 +98,6 @@ def build_tokenizer(
     cache_dir: str | Path | None = None,
 ):
     """Train (or load from ``cache_dir``) a byte-level BPE tokenizer of the given family."""
-    from transformers import PreTrainedTokenizerFast
-
     if kind == "t5":
         return build_t5_tokenizer(
             corpus, vocab_size=vocab_size, model_max_length=model_max_length, cache_dir=cache_dir
@@ -136,8 +136,6 @@ def train_t5_spiece(corpus: Iterable[str], vocab_size: int) -> bytes:
     trainer stops there (``hard_vocab_limit=False``). One thread, no sampling: the same corpus gives
     the same model.
     """
-    import io
-
     import sentencepiece as spm
 
     sentences = [line for line in corpus if line.strip()]
@@ -181,8 +179,6 @@ def build_t5_tokenizer(
     The folder written to ``cache_dir`` holds ``spiece.model`` too, so ``T5Tokenizer.from_pretrained``
     and ``sentencepiece.SentencePieceProcessor`` can both read it.
     """
-    from transformers import T5TokenizerFast
-
     budget = int(vocab_size) - int(extra_ids)
     if extra_ids < 0 or budget < 16:
         raise ValueError(
