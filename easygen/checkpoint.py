@@ -77,19 +77,24 @@ def save_state_dict_file(state_dict: dict[str, torch.Tensor], path: str | os.Pat
             v = v.clone()
         seen.add(v.untyped_storage().data_ptr())
         out[k] = v
+    atomic_write(path, lambda tmp: save_file(out, tmp) if suffix in SAFETENSORS_SUFFIXES else torch.save(out, tmp))
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """`write(tmp)` into a temporary file beside `path`, then renamed to `path`: a crash leaves the old file
+    (or none), never a half-written one; the temporary file is removed on any error."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        if suffix in SAFETENSORS_SUFFIXES:
-            save_file(out, tmp)
-        else:
-            torch.save(out, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return path
 
 
 def record_load(module: torch.nn.Module, key: str, path: str | os.PathLike, tensors: int) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from easygen.checkpoint import atomic_write
 from easygen.lit.strategies import META_FILENAME, is_sharded_checkpoint
 
 
@@ -98,18 +99,7 @@ def load_full_checkpoint(path: str | os.PathLike) -> dict:
 def consolidate(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Write `src` (any checkpoint form) as one checkpoint file `dst`, atomically."""
     checkpoint = load_full_checkpoint(src)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return dst
+    return atomic_write(dst, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def main(argv: list[str] | None = None) -> int:
