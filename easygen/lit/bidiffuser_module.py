@@ -69,6 +69,9 @@ def shared_timestep_for(stage_cfg: dict) -> bool:
     return bool(value)
 
 
+CLIP_TOWERS = ("bidiffuser.clip_text.", "bidiffuser.clip_image.")
+
+
 def _one_line(exc: BaseException) -> str:
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return " ".join(str(msg).split())
@@ -86,6 +89,8 @@ class BiDiffuserModule(pl.LightningModule):
         if source not in ENCODER_SOURCES:
             raise ConfigError(f"stage.encoder_source={source!r}: choose {'|'.join(ENCODER_SOURCES)}")
         self.encoder_source = source
+        # set by callbacks/clip_fit.py once it fitted the CLIP towers in this run: checkpoints then keep them
+        self.clip_fitted = False
         self.strict_loading = False
         self.bidiffuser = None
         self.ema = None
@@ -286,6 +291,8 @@ class BiDiffuserModule(pl.LightningModule):
             alpha=float(s.get("alpha", 1.0)),
             shared_timestep=shared_timestep_for(s),
             clean_img_term=bool(s.get("clean_img_term", False)),
+            offset_noise=float(s.get("offset_noise") or 0.0),
+            cond_drop=float(s.get("cond_drop") or 0.0),
         )
         loss = losses["loss"]
         bs = t["z0"].shape[0]
@@ -358,6 +365,8 @@ class BiDiffuserModule(pl.LightningModule):
         keep = {n for n, p in self.named_parameters() if p.requires_grad} | {
             f"ema_uvit.{n}" for n, _ in self.ema_uvit.named_parameters()
         }
+        if self.clip_fitted:  # frozen, but fitted in this run (callbacks/clip_fit.py): a resume needs them
+            keep |= {n for n, _ in self.named_parameters() if n.startswith(CLIP_TOWERS)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def ema_pipeline_state(self) -> dict:
