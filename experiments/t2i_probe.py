@@ -1,9 +1,16 @@
 """Text-to-image of a BiDiffuser stage's weights on the synthetic test captions, read back from the pixels.
 
     python experiments/t2i_probe.py --weights RUN/bidiffuser/bidiffuser.safetensors [--data DATA] [--n 64]
+        [--seeds 1234 1 2 3]
 
-Prints the per-attribute accuracy of `data_modules/synthetic_reader.py` on the generated pictures (the
-recipe's `stage=eval task=t2i` reports the same from a whole EasyGen checkpoint).
+Prints, as JSON:
+- `attributes`: per sampler seed, the per-attribute accuracy of `data_modules/synthetic_reader.py` on the
+  pictures generated for the first caption of the first `--n` test samples (every picture of a call starts
+  from the same noise, as `model.bidiffuser.sampler.shared_noise` has it; the recipe's `stage=eval task=t2i`
+  reports seed 1234), and their mean over the seeds;
+- `noise_error`: the U-ViT's image-noise prediction error (the t2i half of easygen/bidiffuser/loss.py) on the
+  test pictures with their own caption's text latent and with their neighbour's, same noise and indices.
+  Equal errors mean the caption-to-picture direction does not use its text.
 """
 
 from __future__ import annotations
@@ -12,9 +19,34 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+from omegaconf import OmegaConf
+
 from data_modules.shards import ShardIndexDataset
 from data_modules.synthetic_reader import attribute_accuracy, parse_caption, read_picture
+from easygen.bidiffuser.loss import bidiffuser_loss
 from easygen.factories import build_bidiffuser
+
+
+@torch.no_grad()
+def noise_error(pipe, samples: list[dict], repeats: int = 4) -> dict[str, float]:
+    images = torch.stack([torch.as_tensor(s["image"]) for s in samples])
+    y = pipe.encode_texts([s["captions"][0] for s in samples])
+    other = torch.roll(torch.arange(len(samples)), 1)
+    errors = {"own_caption": 0.0, "other_caption": 0.0}
+    for rep in range(repeats):
+        for name, text in (("own_caption", y), ("other_caption", y[other])):
+            g = torch.Generator().manual_seed(rep)
+            enc = pipe.encode_images(images, generator=g)
+            errors[name] += (
+                float(
+                    bidiffuser_loss(pipe.uvit, pipe.schedule, enc["z"], enc["clip_img"], text, generator=g)[
+                        "loss_img"
+                    ]
+                )
+                / repeats
+            )
+    return errors
 
 
 def main(argv=None):
@@ -22,23 +54,33 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--weights", required=True)
-    parser.add_argument("--data", default="data/synthetic-64px-n640-seed0")
+    parser.add_argument("--data", default="data/synthetic-64px-n768-seed0")
     parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=42, help="the tiny preset's weight seed (the recipe's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234], help="sampler seeds")
+    parser.add_argument(
+        "--cfg-scale", type=float, default=None, help="text-to-image guidance scale (default: the preset's)"
+    )
     args = parser.parse_args(argv)
-    from omegaconf import OmegaConf
 
     model = OmegaConf.to_container(OmegaConf.load("conf/model/tiny.yaml"))
     model["bidiffuser"]["weights"] = args.weights
     pipe = build_bidiffuser({"model": model, "seed": args.seed})
-    ds = ShardIndexDataset(str(Path(args.data) / "test" / "*.tar"), 64, load_images=False)
-    prompts = [ds[i]["captions"][0] for i in range(min(args.n, len(ds)))]
-    images = []
-    for i in range(0, len(prompts), 16):
-        images += pipe.generate(prompts[i : i + 16])
+    if args.cfg_scale is not None:
+        pipe.t2i_cfg_scale = args.cfg_scale
+    ds = ShardIndexDataset(str(Path(args.data) / "test" / "*.tar"), pipe.image_size)
+    samples = [s for s in (ds[i] for i in range(min(args.n, len(ds)))) if s is not None]
+    prompts = [s["captions"][0] for s in samples]
     named = [parse_caption(p) for p in prompts]
-    read = [read_picture(im) for im in images]
-    print(json.dumps(attribute_accuracy(read, named), indent=1))
+    per_seed, images = {}, []
+    for seed in args.seeds:
+        images = []
+        for i in range(0, len(prompts), 16):
+            images += pipe.generate(prompts[i : i + 16], seed=seed)
+        per_seed[seed] = attribute_accuracy([read_picture(im) for im in images], named)
+    mean = {k: sum(acc[k] for acc in per_seed.values()) / len(per_seed) for k in per_seed[args.seeds[0]]}
+    report = {"attributes": {"per_seed": per_seed, "mean": mean}, "noise_error": noise_error(pipe, samples)}
+    print(json.dumps(report, indent=1))
     return images, prompts
 
 

@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from easygen.bidiffuser.loss import OBJECTIVES, bidiffuser_loss, joint_loss, paper_loss, reference_loss
+from easygen.bidiffuser.loss import (
+    OBJECTIVES,
+    _offset,
+    bidiffuser_loss,
+    joint_loss,
+    paper_loss,
+    reference_loss,
+)
 from easygen.bidiffuser.schedule import NoiseSchedule
 from easygen.bidiffuser.uvit import UViT, UViTConfig
 
@@ -101,3 +108,55 @@ def test_dispatcher_runs_the_named_objective_with_its_options(model, objective):
 def test_unknown_objective_names_the_choices(model):
     with pytest.raises(ValueError, match=r"objective must be one of \('bidiffuser', 'reference', 'joint'\)"):
         bidiffuser_loss(model, NS, *_batch(), objective="nope")
+
+
+def test_paper_loss_with_offset_noise_and_dropped_conditions_by_hand(model):
+    """offset_noise: z's noise is white noise plus a per-sample, per-channel constant of that standard
+    deviation (drawn after the white noise); cond_drop: the t2i rows whose uniform draw falls below it see
+    fresh noise at index N instead of their clean text (drawn after the offsets)."""
+    z0, c0, y0 = _batch(B=6)
+    out = paper_loss(model, NS, z0, c0, y0, alpha=0.4, offset_noise=0.3, cond_drop=0.5,
+                     generator=torch.Generator().manual_seed(7))  # fmt: skip
+    g = torch.Generator().manual_seed(7)
+    n_img, n_text = NS.sample_timesteps(6, generator=g), NS.sample_timesteps(6, generator=g)
+    ez, ec, ey = (torch.randn(x.shape, generator=g) for x in (z0, c0, y0))
+    ez = ez + 0.3 * torch.randn(6, 4, generator=g)[:, :, None, None]
+    drop = torch.rand(6, generator=g) < 0.5
+    assert 0 < int(drop.sum()) < 6  # both kinds of row in this draw
+    text_noise = torch.randn(y0.shape, generator=g)
+    y_cond = torch.where(drop[:, None, None], text_noise, y0)
+    n_cond = torch.where(drop, NS.num_steps, 0)
+    zero = torch.zeros(6, dtype=torch.long)
+    zo, co, yo = model(
+        torch.cat([NS.add_noise(z0, n_img, ez), z0]),
+        torch.cat([NS.add_noise(c0, n_img, ec), c0]),
+        torch.cat([y_cond, NS.add_noise(y0, n_text, ey)]),
+        torch.cat([n_img, zero]),
+        torch.cat([n_cond, n_text]),
+        1,
+    )
+    loss_img, loss_text = _mse([zo[:6], co[:6]], [ez, ec]), _mse([yo[6:]], [ey])
+    torch.testing.assert_close(out["loss_img"], loss_img, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss_text"], loss_text, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], loss_img + 0.4 * loss_text, rtol=1e-5, atol=1e-6)
+
+
+def test_offset_noise_is_a_flat_shift_per_channel(model):
+    """The difference the offset makes to z's noise is constant over each sample's channel, with the
+    standard deviation asked for, and the joint objective takes it too."""
+    z0, c0, y0 = _batch(B=64)
+    g = torch.Generator().manual_seed(3)
+    white = torch.randn(z0.shape, generator=g)
+    diff = _offset(white, 0.5, g) - white
+    torch.testing.assert_close(diff, diff[:, :, :1, :1].expand_as(diff), rtol=0, atol=1e-6)
+    assert 0.4 < float(diff[:, :, 0, 0].std()) < 0.6
+    a = joint_loss(model, NS, z0, c0, y0, offset_noise=0.5, generator=torch.Generator().manual_seed(4))
+    b = joint_loss(model, NS, z0, c0, y0, generator=torch.Generator().manual_seed(4))
+    assert abs(float(a["loss_img"]) - float(b["loss_img"])) > 1e-3
+
+
+def test_options_an_objective_does_not_take_are_refused(model):
+    with pytest.raises(ValueError, match="offset_noise: the reference objective never noises the image"):
+        bidiffuser_loss(model, NS, *_batch(), objective="reference", offset_noise=0.1)
+    with pytest.raises(ValueError, match="cond_drop: only the bidiffuser objective takes it, not 'joint'"):
+        bidiffuser_loss(model, NS, *_batch(), objective="joint", cond_drop=0.1)

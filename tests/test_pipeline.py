@@ -193,3 +193,27 @@ def test_tiny_autoencoder_has_a_sharp_posterior_and_unit_scale_latents():
     spread = float(z1.std(0).mean())
     assert float((z1 - z2).abs().max()) < 0.01 * spread
     assert 0.2 < spread < 5.0
+
+
+def test_t2i_cfg_scale_guides_text_to_image_only(images):
+    """`t2i_cfg_scale` is text-to-image's guidance scale (the sampler called with it, as sample_t2i is
+    called by hand here); picture-to-caption keeps `cfg_scale`; unset, both use `cfg_scale`."""
+    from easygen.bidiffuser.sampling import sample_i2t, sample_t2i
+
+    sampler = {**SAMPLER, "cfg_scale": 0.0}
+    both = BiDiffuser.tiny(CORPUS, seed=0, image_size=64, **sampler)
+    own = BiDiffuser.tiny(CORPUS, seed=0, image_size=64, t2i_cfg_scale=3.0, **sampler)
+    prompts = CORPUS[:2]
+    z, _ = own.t2i_latents(prompts, seed=5)
+    kwargs = dict(steps=3, order=3, method="fast", shared_noise=False)
+    by_hand, _ = sample_t2i(own.uvit, own.schedule, own.encode_texts(prompts), img_shape=tuple(z.shape[1:]),
+                            generator=torch.Generator().manual_seed(5), cfg_scale=3.0, **kwargs)  # fmt: skip
+    torch.testing.assert_close(z, by_hand, rtol=0, atol=0)
+    assert not torch.allclose(z, both.t2i_latents(prompts, seed=5)[0], atol=1e-3)
+    # picture-to-caption unchanged by it
+    torch.testing.assert_close(own.i2t_latents(images, seed=5), both.i2t_latents(images, seed=5))
+    g = torch.Generator().manual_seed(5)  # one generator: the latent draw, then the sampler's noise
+    enc = own.encode_images(images, generator=g)
+    with torch.no_grad():
+        y = sample_i2t(own.uvit, own.schedule, enc["z"], enc["clip_img"], generator=g, cfg_scale=0.0, **kwargs)
+    torch.testing.assert_close(own.i2t_latents(images, seed=5), y)
