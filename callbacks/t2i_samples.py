@@ -1,14 +1,20 @@
 """Text-to-image samples for a fixed prompt list, logged to W&B or saved as PNGs (the paper's LLM side, t2i path).
 
 The LightningModule provides ``generate_images(prompts) -> list[PIL.Image]``; only global rank 0
-calls it, so a module whose sampler has collectives must not rely on this callback.
+calls it, so a module whose sampler has collectives must not rely on this callback. A module that holds no
+BiDiffuser in its stage (``bidiffuser`` None: LLM stages on extracted features) draws nothing; the
+callback says so once in the log. The pictures are the ones the stage's exported weights draw
+(BiDiffuserModule draws with its EMA U-ViT) from the sampler's fixed seed, so runs and validations compare.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
+
+log = logging.getLogger("easygen")
 
 
 class T2ISampleCallback(pl.Callback):
@@ -22,6 +28,7 @@ class T2ISampleCallback(pl.Callback):
         self.prompts = list(prompts)
         self.every_n_epochs = every_n_epochs
         self.last_paths: list[Path] = []
+        self._said_none = False
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
@@ -32,6 +39,11 @@ class T2ISampleCallback(pl.Callback):
             raise AttributeError(
                 f"T2ISampleCallback needs {type(pl_module).__name__}.generate_images(prompts) -> list[PIL.Image]"
             )
+        if hasattr(pl_module, "bidiffuser") and pl_module.bidiffuser is None:
+            if not self._said_none:
+                log.info("t2i samples: %s holds no BiDiffuser in this stage; none drawn", type(pl_module).__name__)
+                self._said_none = True
+            return
         images = pl_module.generate_images(self.prompts)
         if len(images) != len(self.prompts):
             raise ValueError(f"generate_images returned {len(images)} images for {len(self.prompts)} prompts")

@@ -11,6 +11,8 @@ latent, as the reference trains from precomputed features), computed from the pi
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import json
 import random
@@ -336,18 +338,26 @@ class BiDiffuserModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         return self.predict_captions(batch)
 
-    @torch.no_grad()
-    def predict_captions(self, batch):
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The pipeline with the EMA U-ViT in place of the live one (what the stage exports)."""
         live = self.bidiffuser.uvit
         self.bidiffuser.uvit = self.ema_uvit
         try:
-            texts = self.bidiffuser.caption(batch["images"])
+            yield self.bidiffuser
         finally:
             self.bidiffuser.uvit = live
+
+    @torch.no_grad()
+    def predict_captions(self, batch):
+        with self.ema_weights() as pipe:
+            texts = pipe.caption(batch["images"])
         return {"ids": batch["ids"], "predictions": texts, "references": batch["references"]}
 
     def generate_images(self, prompts: list[str]):
-        return self.bidiffuser.generate(prompts)
+        """Pictures for `prompts` from the EMA weights, as the exported BiDiffuser draws them."""
+        with self.ema_weights() as pipe:
+            return pipe.generate(prompts)
 
     def flops_per_sample(self) -> float:
         # the paper's objective runs every sample through the U-ViT twice (t2i and i2t halves)
