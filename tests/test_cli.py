@@ -131,3 +131,35 @@ def test_submitit_local_launcher_runs_the_sweep(tmp_path, run_env):
     results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
     assert [r["optimizer_lr"] for r in results] == [{"projector": 1e-3}, {"projector": 1e-4}]
     assert list((sweep / ".submitit").glob("*/*_submitted.pkl")), "the jobs did not go through submitit"
+
+
+@pytest.mark.slow
+def test_bidiffuser_stage_logs_its_pictures_to_wandb(tmp_path, run_env):
+    """`python run.py stage=bidiffuser` with the default (offline W&B) logger: the text-to-image samples of its
+    validation are in the W&B run as `t2i/samples`, with their prompts, and are the pictures the stage's
+    exported weights draw for those prompts (the pipeline eval, chat and serve build)."""
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from easygen.factories import build_bidiffuser
+
+    _run(["stage=bidiffuser", "debug=smoke", "stage.val_every=4", "model.bidiffuser.clip_fit.steps=5"],
+         run_env, cwd=tmp_path)  # fmt: skip
+    runs = list((tmp_path / "logs" / "bidiffuser" / "runs").iterdir())
+    assert len(runs) == 1
+    out = runs[0]
+    history = _wandb_history(out)  # an image list is logged as nested keys: t2i/samples/<field>
+    assert history.get("t2i/samples/filenames"), sorted(history)
+    cfg = OmegaConf.load(out / ".hydra" / "config.yaml")
+    prompts = list(cfg.callbacks.t2i_samples.prompts)
+    assert history["t2i/samples/captions"][-1] == prompts
+    (media,) = out.glob("wandb/offline-run-*/files")
+    files = [media / name for name in history["t2i/samples/filenames"][-1]]
+    assert len(files) == len(prompts)
+    res = json.loads((out / "results.json").read_text())
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model["bidiffuser"]["weights"] = res["artifacts"]["bidiffuser_weights"]
+    drawn = build_bidiffuser({"model": model, "seed": cfg.seed}).generate(prompts)
+    for path, picture in zip(files, drawn):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(picture)), path
