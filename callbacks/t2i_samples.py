@@ -33,6 +33,8 @@ class T2ISampleCallback(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
+        # every rank: Trainer.log_dir broadcasts rank 0's folder (a collective, so not inside the rank-0 branch)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         if not trainer.is_global_zero:
             return
         if not hasattr(pl_module, "generate_images"):
@@ -57,7 +59,6 @@ class T2ISampleCallback(pl.Callback):
                     key="t2i/samples", images=list(images), caption=self.prompts, step=trainer.global_step
                 )
             return
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.last_paths = []
         for k, image in enumerate(images):

@@ -138,3 +138,32 @@ def test_fsdp_two_cpu_processes_train_resume_and_match_ddp(tmp_path, run_env):
     for k, v in ref["state_dict"].items():
         torch.testing.assert_close(full["state_dict"][k], v, atol=1e-5, rtol=1e-4)
     assert len(full["optimizer_states"][0]["state"]) == len(ref["optimizer_states"][0]["state"])
+
+
+@pytest.mark.slow
+def test_bidiffuser_stage_on_two_processes_fits_clip_and_draws_samples(tmp_path, run_env):
+    """`stage=bidiffuser strategy=ddp trainer.devices=2` on the tiny preset: rank 0 fits the CLIP towers and
+    broadcasts them (callbacks/clip_fit.py), validation's text-to-image samples are drawn on rank 0 only
+    (callbacks/t2i_samples.py; its log folder is asked on every rank, a collective) and the run ends.
+    The samples are the pictures the exported weights draw."""
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from easygen.factories import build_bidiffuser
+
+    out = tmp_path / "run"
+    _run(["stage=bidiffuser", "strategy=ddp", "trainer.devices=2", "debug=smoke", "logger=csv",
+          "model.bidiffuser.clip_fit.steps=5", f"paths.data_dir={tmp_path}/data", f"paths.log_dir={tmp_path}/logs",
+          f"hydra.run.dir={out}"], run_env, timeout=600)  # fmt: skip
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2
+    cfg = OmegaConf.load(out / ".hydra" / "config.yaml")
+    prompts = list(cfg.callbacks.t2i_samples.prompts)
+    logged = sorted((out / "csv").rglob("samples/*.png"))
+    assert len(logged) == len(prompts), logged
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model["bidiffuser"]["weights"] = res["artifacts"]["bidiffuser_weights"]
+    drawn = build_bidiffuser({"model": model, "seed": cfg.seed}).generate(prompts)
+    for path, picture in zip(logged, drawn):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(picture)), path
