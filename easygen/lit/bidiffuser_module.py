@@ -12,7 +12,6 @@ latent, as the reference trains from precomputed features), computed from the pi
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import json
 import random
