@@ -9,16 +9,20 @@ leaves a truncated checkpoint under the real name.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# the safetensors metadata entry holding the config of the stage that wrote the file (JSON)
+CONFIG_METADATA_KEY = "easygen_config"
 
 
 def _strip_module_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,12 +63,19 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _strip_module_prefix(dict(sd))
 
 
-def save_state_dict_file(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a state dict atomically; .safetensors via safetensors, anything in TORCH_SUFFIXES via torch.save."""
+def save_state_dict_file(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, config: dict | None = None
+) -> None:
+    """Write a state dict atomically; .safetensors via safetensors, anything in TORCH_SUFFIXES via torch.save.
+    `config` (the writing stage's config, safetensors only) is stored as JSON in the file's metadata, where
+    `stored_config` reads it back."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES:
         raise ValueError(f"{path}: unknown checkpoint suffix {suffix!r}")
+    if config is not None and suffix not in SAFETENSORS_SUFFIXES:
+        raise ValueError(f"{path}: a config is stored in safetensors metadata only")
+    metadata = {CONFIG_METADATA_KEY: json.dumps(config, default=str)} if config is not None else None
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for k, v in state_dict.items():
@@ -77,7 +88,42 @@ def save_state_dict_file(state_dict: dict[str, torch.Tensor], path: str | os.Pat
             v = v.clone()
         seen.add(v.untyped_storage().data_ptr())
         out[k] = v
-    atomic_write(path, lambda tmp: save_file(out, tmp) if suffix in SAFETENSORS_SUFFIXES else torch.save(out, tmp))
+    atomic_write(
+        path,
+        lambda tmp: save_file(out, tmp, metadata=metadata) if suffix in SAFETENSORS_SUFFIXES else torch.save(out, tmp),
+    )
+
+
+def stored_config(path: str | os.PathLike) -> dict | None:
+    """The config of the stage that wrote a weights file: a Lightning checkpoint's `hyper_parameters.cfg`, or
+    the JSON that `save_state_dict_file(..., config=)` put in a safetensors file's metadata. None for a file
+    that carries none (a plain state dict, a file written elsewhere)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+        if not text:
+            return None
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not JSON ({e})") from None
+        return cfg if isinstance(cfg, dict) else None
+    if suffix != ".ckpt":
+        return None
+    try:  # memory-mapped: the tensors are not read
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
+            f"(loading it would execute code). Details: {e}"
+        ) from None
+    hp = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    cfg = hp.get("cfg") if isinstance(hp, dict) else None
+    return cfg if isinstance(cfg, dict) else None
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:

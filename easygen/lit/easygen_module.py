@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from data_modules.stage_datamodule import log_skipped
-from easygen.checkpoint import load_state_dict_file, record_load, save_state_dict_file
+from easygen.checkpoint import load_state_dict_file, record_load, save_state_dict_file, stored_config
 from easygen.clean_text import clean_text
 from easygen.collate import EasyGenCollator
 from easygen.errors import ConfigError
@@ -38,6 +38,7 @@ class EasyGenModule(pl.LightningModule):
 
     def __init__(self, cfg: dict):
         super().__init__()
+        cfg = bidiffuser_of_init_from(cfg)
         self.save_hyperparameters({"cfg": cfg})
         self.cfg = cfg
         self.stage_cfg = cfg["stage"]
@@ -336,7 +337,9 @@ class EasyGenModule(pl.LightningModule):
         path = Path(out) / "easygen" / "trained.safetensors"
         if self.trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_state_dict_file(state, path)
+            # the config travels with the weights: a later init_from finds the BiDiffuser they were
+            # trained with (bidiffuser_of_init_from)
+            save_state_dict_file(state, path, config=self.cfg)
             self.tokenizer.save_pretrained(str(path.parent / "tokenizer"))
         artifacts = {"weights": str(path)}
         if self.lora_cfg.get("enabled") and self.stage_cfg.get("export_merged") and self.standalone_llm_export:
@@ -352,6 +355,39 @@ class EasyGenModule(pl.LightningModule):
         if self._trainer is None or self.trainer.is_global_zero:
             save_merged(self.model.llm, self.tokenizer, folder)
         return folder
+
+
+def bidiffuser_of_init_from(cfg: dict) -> dict:
+    """The config with the BiDiffuser that `init_from`'s weights were trained with.
+
+    The projector (and LoRA) learned the features of one BiDiffuser (paper §3: the LLM reads BiDiffuser's
+    image-to-text features), and text-to-image draws with the same one. A checkpoint holds only what its
+    stage trained, but its stored config names that BiDiffuser (`model.bidiffuser.weights`, set by the
+    recipe or the command line). When this run leaves `model.bidiffuser.weights` unset, it is taken from
+    there, so `stage=eval|chat|serve init_from=RUN/...` uses the fine-tuned BiDiffuser of the run it comes
+    from, not the preset's own weights. A value set here wins (with a warning when it differs)."""
+    init = cfg.get("init_from")
+    if not init or not Path(str(init)).is_file():
+        return cfg  # no init_from, or a missing one: load_weights names it
+    stored = stored_config(init) or {}
+    theirs_b = (stored.get("model") or {}).get("bidiffuser") or {}
+    b = cfg["model"]["bidiffuser"]
+    theirs, ours = theirs_b.get("weights"), b.get("weights")
+    if theirs_b.get("preset") != b.get("preset") or not theirs or theirs == ours:
+        return cfg
+    if ours:
+        log.warning(
+            "init_from=%s was trained with model.bidiffuser.weights=%s; this run uses %s", init, theirs, ours
+        )
+        return cfg
+    if not Path(str(theirs)).is_file():
+        raise ConfigError(
+            f"init_from={init} was trained with model.bidiffuser.weights={theirs}, which does not exist: set "
+            "model.bidiffuser.weights to that BiDiffuser's weights (bidiffuser/bidiffuser.safetensors of its "
+            "stage=bidiffuser run)"
+        )
+    log.info("model.bidiffuser.weights=%s (the BiDiffuser init_from=%s was trained with)", theirs, init)
+    return {**cfg, "model": {**cfg["model"], "bidiffuser": {**b, "weights": theirs}}}
 
 
 def derangement(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -135,7 +135,7 @@ def t2i_eval(cfg, module, out: Path) -> dict:
     if readings is not None:
         acc = attribute_accuracy([r for r, _ in readings], [t for _, t in readings])
         metrics.update({f"test/t2i_attr/{k}": float(v) for k, v in acc.items()})
-    fake = torch.stack([torch.as_tensor(np.asarray(im)).permute(2, 0, 1) for im in images])
+    fake = torch.stack([torch.as_tensor(np.array(im)).permute(2, 0, 1) for im in images])
     real = torch.stack([(s["image"] * 255).round().to(torch.uint8) for s in samples])
     if cfg.stage.get("clip_model"):
         metrics["test/CLIPScore"] = float(clip_score(fake, prompts, str(cfg.stage.clip_model)))
@@ -163,6 +163,7 @@ def t2i_eval(cfg, module, out: Path) -> dict:
         "best": {},
         "checkpoints": {},
         "artifacts": {"images": str(folder)},
+        "loaded": loaded_weights(module),
     }
 
 
