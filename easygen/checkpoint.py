@@ -32,6 +32,17 @@ def _strip_module_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return sd
 
 
+def _torch_load(path: Path, **kwargs):
+    """`torch.load` onto the CPU with `weights_only=True`: a pickle that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
+            f"(loading it would execute code). Re-save it as a plain state dict. Details: {e}"
+        ) from None
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a state dict from .safetensors or .pth/.pt/.bin/.ckpt onto the CPU."""
     path = Path(path)
@@ -41,13 +52,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if suffix in SAFETENSORS_SUFFIXES:
         sd = load_file(str(path), device="cpu")
     elif suffix in TORCH_SUFFIXES:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(
-                f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
-                f"(loading it would execute code). Re-save it as a plain state dict. Details: {e}"
-            ) from None
+        sd = _torch_load(path)
     else:
         raise ValueError(
             f"{path}: unknown checkpoint suffix {suffix!r}; expected one of "
@@ -114,13 +119,7 @@ def stored_config(path: str | os.PathLike) -> dict | None:
         return cfg if isinstance(cfg, dict) else None
     if suffix != ".ckpt":
         return None
-    try:  # memory-mapped: the tensors are not read
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
-            f"(loading it would execute code). Details: {e}"
-        ) from None
+    obj = _torch_load(path, mmap=True)  # memory-mapped: the tensors are not read
     hp = obj.get("hyper_parameters") if isinstance(obj, dict) else None
     cfg = hp.get("cfg") if isinstance(hp, dict) else None
     return cfg if isinstance(cfg, dict) else None

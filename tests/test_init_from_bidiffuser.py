@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -154,6 +155,15 @@ def test_a_weights_setting_on_the_command_line_wins_with_a_warning(trained, capl
         module = EasyGenModule(_plain(cfg))
     assert module.cfg["model"]["bidiffuser"]["weights"] == str(other)
     assert f"was trained with model.bidiffuser.weights={trained['bd']}" in caplog.text
+    # the same file under another name (relative to the working directory) is no difference
+    caplog.clear()
+    same = os.path.relpath(trained["bd"])
+    cfg = compose_at(
+        trained["data"], trained["root"] / "x", [*SMALL, "stage=eval", f"init_from={weights}", f"model.bidiffuser.weights={same}"]
+    )
+    with caplog.at_level(logging.WARNING, logger="easygen"):
+        EasyGenModule(_plain(cfg))
+    assert "was trained with" not in caplog.text
 
 
 def test_a_moved_bidiffuser_is_named(trained):

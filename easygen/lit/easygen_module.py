@@ -373,9 +373,11 @@ def bidiffuser_of_init_from(cfg: dict) -> dict:
     theirs_b = (stored.get("model") or {}).get("bidiffuser") or {}
     b = cfg["model"]["bidiffuser"]
     theirs, ours = theirs_b.get("weights"), b.get("weights")
-    if theirs_b.get("preset") != b.get("preset") or not theirs or theirs == ours:
+    if theirs_b.get("preset") != b.get("preset") or not theirs:
         return cfg
     if ours:
+        if Path(str(ours)).resolve() == Path(str(theirs)).resolve():
+            return cfg
         log.warning(
             "init_from=%s was trained with model.bidiffuser.weights=%s; this run uses %s", init, theirs, ours
         )
