@@ -20,7 +20,7 @@ import torch
 from transformers import TextStreamer
 
 from easygen.images import ImageFileError, load_image_file
-from easygen.templates import IMAGE_MARKER, encode, render
+from easygen.llm.templates import IMAGE_MARKER, encode, render
 
 IMG_TAG = re.compile(r"<Img>(.+?)</Img>", re.DOTALL)
 

@@ -3,7 +3,7 @@
 Layout of an export folder::
 
     llm/                         the LLM in transformers format (LoRA adapters merged in) + its tokenizer
-    projector.safetensors        the projector (keys of ``easygen.projector.Projector``)
+    projector.safetensors        the projector (keys of ``easygen.llm.projector.Projector``)
     bidiffuser/uvit.pth          the U-ViT in UniDiffuser's original key format (UniDiffuser's tools read it)
     bidiffuser/bidiffuser.safetensors   every BiDiffuser part (VAE, CLIPs, caption decoder, U-ViT)
     trained.safetensors          the projector under ``model.projector.*``, what `init_from=` reads
@@ -32,9 +32,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from easygen.bidiffuser import save_uvit
 from easygen.checkpoint import load_state_dict_file, save_state_dict_file
-from easygen.lora import merge_lora
-from easygen.model import EasyGen
-from easygen.projector import Projector
+from easygen.llm.lora import merge_lora
+from easygen.llm.model import EasyGen
+from easygen.llm.projector import Projector
 
 EXPORT_CONFIG = "easygen.json"
 

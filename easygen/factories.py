@@ -20,10 +20,10 @@ from data_modules.synthetic import caption_corpus
 from easygen.bidiffuser import BiDiffuser
 from easygen.checkpoint import load_state_dict_file, record_load
 from easygen.errors import ConfigError
-from easygen.llm import build_tiny_llm, llama_7b_config, load_llm
-from easygen.projector import Projector
-from easygen.templates import CAPTION_PROMPTS, IMG_CLOSE, IMG_OPEN, VQA_SUFFIX
-from easygen.tokenization import build_tokenizer
+from easygen.llm.loading import build_tiny_llm, llama_7b_config, load_llm
+from easygen.llm.projector import Projector
+from easygen.llm.templates import CAPTION_PROMPTS, IMG_CLOSE, IMG_OPEN, VQA_SUFFIX
+from easygen.llm.tokenization import build_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # encoder-decoder presets: EasyGen's FlanT5 "Mid-Align" variant (paper §3.4)

@@ -24,10 +24,10 @@ import time
 
 import torch
 
-from easygen.llm import llama_7b_config
-from easygen.lora import apply_lora
-from easygen.model import EasyGen
-from easygen.projector import Projector
+from easygen.llm.loading import llama_7b_config
+from easygen.llm.lora import apply_lora
+from easygen.llm.model import EasyGen
+from easygen.llm.projector import Projector
 
 PEAK_FLOPS = 989e12
 PROMPT_TOKENS = 6  # "<s>USER: <Img>" before the image span

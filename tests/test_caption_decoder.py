@@ -11,7 +11,7 @@ from diffusers.pipelines.deprecated.unidiffuser.modeling_text_decoder import Uni
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from easygen.bidiffuser.caption_decoder import CaptionDecoder
-from easygen.tokenization import build_tokenizer
+from easygen.llm.tokenization import build_tokenizer
 
 CORPUS = ["a red circle on a blue background", "two white squares", "a green triangle at the top"]
 

@@ -355,8 +355,8 @@ def test_scripted_session_commands_bad_picture_and_long_history(tmp_path, run_en
 def test_history_trimming_keeps_the_picture(tmp_path):
     """In-process: questions about one picture past the context; every prompt fits max_length, the oldest
     exchanges go, the picture's marker stays on the oldest question kept and its features stay in use."""
+    from easygen.llm.templates import IMAGE_MARKER
     from easygen.stages.chat import build_session
-    from easygen.templates import IMAGE_MARKER
 
     cfg = compose(
         [

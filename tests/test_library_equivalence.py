@@ -374,7 +374,7 @@ def test_streamed_answer_is_the_decoded_answer():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from easygen.chat import _Streamer
-    from easygen.tokenization import build_tokenizer
+    from easygen.llm.tokenization import build_tokenizer
 
     tok = build_tokenizer(
         "llama", ["a red circle, on the left!", "two cats: 3 dogs\nnew line"], vocab_size=300

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from easygen.llm import build_tiny_llm
-from easygen.lora import apply_lora, lora_state_dict, merge_lora, save_merged
-from easygen.model import EasyGen
-from easygen.projector import Projector
-from easygen.tokenization import build_tokenizer
+from easygen.llm.loading import build_tiny_llm
+from easygen.llm.lora import apply_lora, lora_state_dict, merge_lora, save_merged
+from easygen.llm.model import EasyGen
+from easygen.llm.projector import Projector
+from easygen.llm.tokenization import build_tokenizer
 
 
 @pytest.fixture(scope="module")

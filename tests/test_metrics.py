@@ -170,7 +170,7 @@ def test_fid_and_clip_missing_weights(tmp_path):
 def tiny_clip(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
 
-    from easygen.tokenization import build_tokenizer
+    from easygen.llm.tokenization import build_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny_clip")
     base = build_tokenizer(

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from easygen.collate import EasyGenCollator
-from easygen.llm import build_tiny_llm, llama_7b_config, load_llm
-from easygen.model import EasyGen
-from easygen.projector import Projector
-from easygen.tokenization import build_tokenizer
+from easygen.llm.collate import EasyGenCollator
+from easygen.llm.loading import build_tiny_llm, llama_7b_config, load_llm
+from easygen.llm.model import EasyGen
+from easygen.llm.projector import Projector
+from easygen.llm.tokenization import build_tokenizer
 
 N_IMG, FEAT = 5, 16
 
@@ -210,7 +210,7 @@ def test_t5_mid_align():
     from transformers import T5Config, T5ForConditionalGeneration
     from transformers.modeling_outputs import BaseModelOutput
 
-    from easygen.t5 import EasyGenT5
+    from easygen.llm.t5 import EasyGenT5
 
     torch.manual_seed(0)
     cfg = T5Config(

@@ -17,7 +17,7 @@ def _bad(text: str) -> list[str]:
 
 
 def test_clean_text_of_a_byte_level_decode():
-    from easygen.tokenization import build_tokenizer
+    from easygen.llm.tokenization import build_tokenizer
 
     tok = build_tokenizer("llama", ["a red circle on the left"], vocab_size=300)
     lead_byte = tok("é", add_special_tokens=False)["input_ids"][:1]  # half of a 2-byte UTF-8 character

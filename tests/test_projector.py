@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from easygen.projector import Projector
+from easygen.llm.projector import Projector
 
 
 def _features(n=64, tokens=4, dim=8, seed=0):

@@ -337,9 +337,9 @@ def test_shuffle_features_pairs_captions_with_other_pictures(data_dir, tmp_path)
 
 
 def test_t5_collator_prompt_labels_and_captions():
-    from easygen.t5_collate import T5Collator
-    from easygen.templates import IGNORE_INDEX
-    from easygen.tokenization import build_tokenizer
+    from easygen.llm.t5_collate import T5Collator
+    from easygen.llm.templates import IGNORE_INDEX
+    from easygen.llm.tokenization import build_tokenizer
 
     tok = build_tokenizer("t5", ["a red circle", "what colour is it"], vocab_size=300)
     col = T5Collator(tok, max_length=64)
@@ -378,8 +378,8 @@ def test_t5_mid_align_stage(data_dir, tmp_path):
     text; the checkpoint is refused by the exporter (decoder-only LLMs only)."""
     from easygen.errors import ConfigError
     from easygen.lit.easygen_t5_module import EasyGenT5Module
+    from easygen.llm.t5 import EasyGenT5
     from easygen.stages.export import export_checkpoint
-    from easygen.t5 import EasyGenT5
 
     cfg = make_cfg(
         data_dir,

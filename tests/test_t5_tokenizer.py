@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from easygen.templates import CAPTION_PROMPTS, IGNORE_INDEX, VQA_SUFFIX
-from easygen.tokenization import build_t5_tokenizer
+from easygen.llm.templates import CAPTION_PROMPTS, IGNORE_INDEX, VQA_SUFFIX
+from easygen.llm.tokenization import build_t5_tokenizer
 
 CORPUS = [
     *CAPTION_PROMPTS,
@@ -184,7 +184,7 @@ SAMPLES = [
         "captions": ["a large blue square at the top"],
     },
 ]
-# what the T5 prompt of each sample is (easygen/t5_collate.py: the image marker dropped, earlier answers
+# what the T5 prompt of each sample is (easygen/llm/t5_collate.py: the image marker dropped, earlier answers
 # as "Answer: ...", turns joined by newlines); the caption prompt is one of CAPTION_PROMPTS
 PROMPTS = {
     "v": ["what colour is the shape?" + VQA_SUFFIX],
@@ -200,7 +200,7 @@ CAPTIONS = {"c": ANSWERS["c"], "v": "a small red circle on the left", "d": "a la
 
 
 def test_collator_inputs_labels_and_decoder_starts(built):
-    from easygen.t5_collate import T5Collator
+    from easygen.llm.t5_collate import T5Collator
 
     tok, _, sp = built
     col = T5Collator(tok, max_length=64, max_target_length=32)
@@ -254,7 +254,7 @@ def test_collator_inputs_labels_and_decoder_starts(built):
 
 
 def test_collator_truncates_keeping_eos(built):
-    from easygen.t5_collate import T5Collator
+    from easygen.llm.t5_collate import T5Collator
 
     tok, _, sp = built
     col = T5Collator(tok, max_length=64, max_target_length=5)
@@ -267,9 +267,9 @@ def test_collator_truncates_keeping_eos(built):
 def test_generation_starts_from_pad(built):
     """EasyGenT5.generate: the decoder starts from <pad> 0, and the decoded text is sentencepiece's decoding
     of the generated pieces (special ids and sentinels dropped)."""
-    from easygen.projector import Projector
-    from easygen.t5 import EasyGenT5
-    from easygen.t5_collate import T5Collator
+    from easygen.llm.projector import Projector
+    from easygen.llm.t5 import EasyGenT5
+    from easygen.llm.t5_collate import T5Collator
 
     tok, _, sp = built
     model = tiny_t5(tok)

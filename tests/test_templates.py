@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from easygen.collate import EasyGenCollator
-from easygen.templates import CAPTION_PROMPTS, IGNORE_INDEX, Template, encode, render
-from easygen.tokenization import build_tokenizer
+from easygen.llm.collate import EasyGenCollator
+from easygen.llm.templates import CAPTION_PROMPTS, IGNORE_INDEX, Template, encode, render
+from easygen.llm.tokenization import build_tokenizer
 
 N_IMG = 6
 WORDS = (

@@ -36,7 +36,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from easygen.tokenization import build_tokenizer
+from easygen.llm.tokenization import build_tokenizer
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from easygen.tokenization import build_tokenizer
+from easygen.llm.tokenization import build_tokenizer
 
 from .autoencoder import decode, encode_moments, load_autoencoder, sample_latent, tiny_autoencoder
 from .caption_decoder import CaptionDecoder

@@ -17,14 +17,14 @@ from torch import nn
 from data_modules.stage_datamodule import log_skipped
 from easygen.checkpoint import load_state_dict_file, record_load, save_state_dict_file, stored_config
 from easygen.clean_text import clean_text
-from easygen.collate import EasyGenCollator
 from easygen.errors import ConfigError
 from easygen.factories import build_bidiffuser, build_projector
 from easygen.lit.config import instantiate
 from easygen.lit.fsdp import shard_easygen
 from easygen.lit.optim import build_optimizer
-from easygen.lora import apply_lora, save_merged
-from easygen.model import EasyGen
+from easygen.llm.collate import EasyGenCollator
+from easygen.llm.lora import apply_lora, save_merged
+from easygen.llm.model import EasyGen
 
 log = logging.getLogger("easygen")
 
@@ -303,7 +303,7 @@ class EasyGenModule(pl.LightningModule):
         return self.flops_per_token(seq) * seq
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token of a `seq_len`-token sample (easygen/model.py)."""
+        """Training FLOPs per token of a `seq_len`-token sample (easygen/llm/model.py)."""
         return float(self.model.flops_per_token(seq_len=seq_len, training=True))
 
     # -- optimisation and checkpoints -------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The LightningModule of EasyGen's FlanT5 variant, "Mid-Align" (paper §3.4; easygen/t5.py): the
+"""The LightningModule of EasyGen's FlanT5 variant, "Mid-Align" (paper §3.4; easygen/llm/t5.py): the
 projected BiDiffuser feature enters after the frozen T5 encoder, in front of its output states, and
 training adds the feature-matching term. `model=tiny_t5` and `model=flant5xl` name it (`model.module`).
 Everything else (feature sources, the standardiser, checkpoints, the optimiser) is `EasyGenModule`'s;
@@ -15,15 +15,15 @@ from easygen.errors import ConfigError
 from easygen.factories import build_projector
 from easygen.lit.easygen_module import EasyGenModule
 from easygen.lit.fsdp import shard_easygen_t5
-from easygen.t5 import EasyGenT5
-from easygen.t5_collate import T5Collator
+from easygen.llm.t5 import EasyGenT5
+from easygen.llm.t5_collate import T5Collator
 
 log = logging.getLogger("easygen")
 
 
 class EasyGenT5Module(EasyGenModule):
     # the prompt (image marker dropped) for the encoder, the answer as decoder labels, the caption for
-    # the feature-matching term (easygen/t5_collate.py)
+    # the feature-matching term (easygen/llm/t5_collate.py)
     collator_class = T5Collator
     # easygen.export writes decoder-only LLMs (merged LoRA, transformers folders): not an encoder-decoder
     standalone_llm_export = False
@@ -73,7 +73,7 @@ class EasyGenT5Module(EasyGenModule):
         return feats
 
     def forward_loss(self, batch: dict, feats: torch.Tensor | None):
-        """LM loss + `model.llm.mid_align_weight` x the feature-matching MSE (easygen/t5.py); the latter
+        """LM loss + `model.llm.mid_align_weight` x the feature-matching MSE (easygen/llm/t5.py); the latter
         is logged on its own as `train/mid_align_loss`."""
         out = self.model(
             batch["input_ids"],

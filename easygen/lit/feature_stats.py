@@ -1,4 +1,4 @@
-"""The projector's feature statistics (`model.projector.standardize`, see `easygen.projector`) fitted once
+"""The projector's feature statistics (`model.projector.standardize`, see `easygen.llm.projector`) fitted once
 per (training features, settings) and kept in a small file beside the training shards, so that sweep
 trials, every rank of a multi-process job and a resumed job read them instead of running the i2t sampler
 again over `model.projector.standardize_samples` pictures.

@@ -217,7 +217,7 @@ def parse_chat(body: dict, settings: ServeSettings) -> ChatRequest:
             raise InputError(f"{param} must be an object with role and content", param=param)
         role = msg.get("role")
         if role in ("system", "developer"):
-            continue  # the conversation template (easygen/templates.py) has its own system prompt
+            continue  # the conversation template (easygen/llm/templates.py) has its own system prompt
         if role not in ("user", "assistant"):
             raise InputError(
                 f"{param}.role={role!r}: expected user, assistant or system", param=f"{param}.role"

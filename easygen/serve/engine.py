@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from easygen.chat import IMG_TAG, ChatSession
 from easygen.images import load_image
-from easygen.templates import IMAGE_MARKER
+from easygen.llm.templates import IMAGE_MARKER
 
 
 class InputError(ValueError):

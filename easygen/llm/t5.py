@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from easygen.projector import Projector
+from easygen.llm.projector import Projector
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Each sample becomes LLaVA-style turns (a caption sample is one "describe the image" turn and its
 caption; a VQA sample is ``"<question> please giving an short answer."`` and an answer, the paper's LLM side), is
-rendered by ``easygen.templates`` and tokenised with labels computed from the real token boundaries.
+rendered by ``easygen.llm.templates`` and tokenised with labels computed from the real token boundaries.
 The image span (``<Img>`` + N placeholders + ``</Img>``) is recorded by its start index so that
 ``EasyGen.forward`` can splice the projected BiDiffuser features there.
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from easygen.templates import (
+from easygen.llm.templates import (
     CAPTION_PROMPTS,
     IGNORE_INDEX,
     IMAGE_MARKER,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from easygen.projector import Projector
+from easygen.llm.projector import Projector
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from easygen.collate import EasyGenCollator
-from easygen.templates import IGNORE_INDEX, IMAGE_MARKER
+from easygen.llm.collate import EasyGenCollator
+from easygen.llm.templates import IGNORE_INDEX, IMAGE_MARKER
 
 
 class T5Collator(EasyGenCollator):
