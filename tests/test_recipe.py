@@ -96,3 +96,28 @@ def test_full_recipe_learns_on_the_embedded_default(tmp_path, run_env):
     for attribute in ("colour", "background"):
         assert m[f"test/t2i_attr/{attribute}"] >= 0.6, m
         assert m[f"test/t2i_attr/{attribute}"] > m[f"test/t2i_attr/{attribute}_chance"] + 0.25, m
+
+
+def test_recipe_logs_one_wandb_run_per_stage_in_one_group(tmp_path, run_env):
+    """With the W&B logger, each stage of `stage=all` is a W&B run of its own, named after the stage and
+    grouped under the recipe's run; each run holds its own stage's metrics (before, every stage's metrics
+    went to the first stage's run)."""
+    from tests.test_cli import _wandb_records
+
+    out = tmp_path / "recipe"
+    args = [sys.executable, "run.py", "stage=all", "stage.stages=[pretrain,instruct]",
+            *[a for a in SHORT if a != "logger=none"], "logger=wandb",
+            f"paths.data_dir={tmp_path}/data", f"paths.log_dir={tmp_path}/logs", f"hydra.run.dir={out}"]
+    r = subprocess.run(args, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
+    assert "already in progress" not in r.stdout + r.stderr
+    for stage in ("pretrain", "instruct"):
+        files = list((out / stage).glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(files) == 1, files
+        records = list(_wandb_records(files[0]))
+        (run,) = [x.run for x in records if x.WhichOneof("record_type") == "run"]
+        assert (run.display_name, run.run_group) == (stage, f"all-{out.name}")
+        logged = {item.key or "/".join(item.nested_key) for x in records
+                  if x.WhichOneof("record_type") == "history" for item in x.history.item}
+        assert "val/CIDEr" in logged, logged
+    assert not list(out.glob("wandb")) and not list(tmp_path.glob("logs/**/wandb"))

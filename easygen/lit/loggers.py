@@ -30,14 +30,16 @@ def wandb_run_id(save_dir: str | os.PathLike) -> str | None:
 
 
 def wandb_logger(save_dir: str, name: str, mode: str = "auto", resume_from: str | None = None,
-                 **kwargs) -> WandbLogger:
-    """A WandbLogger named `<name>-<run folder>`; `kwargs` go to it as they are (project, entity, group,
-    tags, ...). With `resume_from` (the run's `ckpt_path`) the earlier W&B run in `save_dir` is continued."""
+                 run_name: str | None = None, **kwargs) -> WandbLogger:
+    """A WandbLogger named `<name>-<run folder>` (or `run_name` as it is: `stage=all` names each stage's run
+    after its stage, grouped under the recipe's run); `kwargs` go to it as they are (project, entity,
+    group, tags, ...). With `resume_from` (the run's `ckpt_path`) the earlier W&B run in `save_dir` is
+    continued."""
     mode = wandb_mode(str(mode))
     run_id = wandb_run_id(save_dir) if resume_from else None
     extra = {"id": run_id, "resume": "allow"} if run_id else {}
     return WandbLogger(
-        name=f"{name}-{Path(save_dir).name}",
+        name=run_name or f"{name}-{Path(save_dir).name}",
         save_dir=str(save_dir),
         offline=mode == "offline",
         mode=mode if mode == "disabled" else None,

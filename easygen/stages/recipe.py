@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from easygen.errors import ConfigError
 from easygen.stages.baselines import baselines
 from easygen.stages.common import differences, flatten, hydra_overrides, output_dir
-from easygen.stages.run import run_stage
+from easygen.stages.run import finish_wandb, run_stage
 
 log = logging.getLogger("easygen")
 SKIP_OVERRIDES = ("stage", "experiment", "hydra.", "paths.output_dir", "init_from", "ckpt_path")
@@ -106,6 +106,17 @@ def _finished(stage: str, sdir: Path, fp: dict, policy: str) -> bool:
     return True
 
 
+def wandb_names(cfg, sdir: Path) -> list[str]:
+    """One W&B run per stage, named after the stage (`pretrain`, `shuffled/pretrain`, `t2i/eval`) and
+    grouped under the recipe's run (`all-<recipe folder>`), so that the dashboard shows the recipe as one
+    group; without them every stage's metrics went to the first stage's run."""
+    if "wandb" not in (cfg.get("logger") or {}):
+        return []
+    top = output_dir(cfg)
+    name = sdir.relative_to(top).as_posix()
+    return [f"logger.wandb.group='all-{top.name}'", f"++logger.wandb.run_name='{name}'"]
+
+
 def run_chain(cfg, stages, root: Path, done: dict, extra: list[str] = ()) -> dict:
     """Run `stages` in order under `root`, each from the outputs in `done` (updated in place)."""
     policy = str(cfg.stage.get("on_change", "rerun"))
@@ -113,7 +124,8 @@ def run_chain(cfg, stages, root: Path, done: dict, extra: list[str] = ()) -> dic
         raise ConfigError(f"stage.on_change={policy}: choose rerun, reuse or error")
     for stage in stages:
         sdir = root / stage
-        sub = compose_stage(cfg, stage, [f"paths.output_dir={sdir}", *_links(stage, done), *extra])
+        sub = compose_stage(cfg, stage, [f"paths.output_dir={sdir}", *_links(stage, done),
+                                         *wandb_names(cfg, sdir), *extra])
         if sub.stage.kind == "all":
             raise ConfigError("stage.stages may not contain 'all'")
         fp = fingerprint(sub)
@@ -121,7 +133,10 @@ def run_chain(cfg, stages, root: Path, done: dict, extra: list[str] = ()) -> dic
             done[stage] = json.loads((sdir / "results.json").read_text())
             continue
         log.info("==== stage=%s -> %s", stage, sdir)
-        done[stage] = run_stage(sub)
+        try:
+            done[stage] = run_stage(sub)
+        finally:
+            finish_wandb()  # the next stage's logger starts a W&B run of its own
         # taken again now that the stage's inputs surely exist (the first writes the synthetic set)
         (sdir / FINGERPRINT).write_text(json.dumps(fingerprint(sub), indent=1))
     return done
