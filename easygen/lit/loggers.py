@@ -38,7 +38,7 @@ def wandb_logger(save_dir: str, name: str, mode: str = "auto", resume_from: str 
     mode = wandb_mode(str(mode))
     run_id = wandb_run_id(save_dir) if resume_from else None
     extra = {"id": run_id, "resume": "allow"} if run_id else {}
-    return WandbLogger(
+    logger = WandbLogger(
         name=run_name or f"{name}-{Path(save_dir).name}",
         save_dir=str(save_dir),
         offline=mode == "offline",
@@ -46,3 +46,7 @@ def wandb_logger(save_dir: str, name: str, mode: str = "auto", resume_from: str 
         **kwargs,
         **extra,
     )
+    # Lightning passes `anonymous=None` to wandb.init, and W&B warns about any value of that retired setting
+    # ("The anonymous setting has no effect"): leave it out
+    logger._wandb_init.pop("anonymous", None)
+    return logger

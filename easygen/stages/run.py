@@ -10,7 +10,7 @@ from pathlib import Path
 from hydra.utils import get_method
 from lightning.pytorch.utilities import rank_zero_only
 
-from easygen.lit.log_setup import single_handler
+from easygen.lit.log_setup import quiet_known_warnings, single_handler
 from easygen.stages.checks import validate
 from easygen.stages.common import hydra_choices, output_dir
 
@@ -18,6 +18,7 @@ from easygen.stages.common import hydra_choices, output_dir
 def run_stage(cfg) -> dict:
     """Run the configured stage and write results.json (on rank zero); returns the results dict."""
     single_handler()  # Lightning's own console handler would print every record a second time
+    quiet_known_warnings()
     validate(cfg)
     res = get_method(str(cfg.stage.program))(cfg)
     results = {"stage": str(cfg.stage.name), "choices": hydra_choices(), "output_dir": str(output_dir(cfg)), **res}
@@ -41,6 +42,8 @@ def print_summary(results: dict) -> None:
     metrics = dict(results.get("metrics") or {})
     metrics.update({f"best {k}": v for k, v in (results.get("best") or {}).items()})
     for k in sorted(metrics):
+        if k.startswith("lr-"):  # the schedule's last value (0 at the end of a cosine decay), not a result
+            continue
         v = metrics[k]
         print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
     for k, v in (results.get("checkpoints") or {}).items():
