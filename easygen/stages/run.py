@@ -36,6 +36,31 @@ def write_results(out: Path, results: dict) -> Path:
     return path
 
 
+# what to run after each stage, `{init}` being its weights
+NEXT = {
+    "bidiffuser": "python run.py stage=extract model.bidiffuser.weights={bidiffuser}",
+    "pretrain": "python run.py stage=instruct lora=on init_from={init}   (or the whole recipe: python run.py stage=all)",
+    "instruct": "python run.py stage=eval init_from={init}   or   python run.py stage=chat init_from={init}",
+    "eval": "python run.py stage=chat init_from={init}",
+}
+
+
+def next_step(results: dict) -> str | None:
+    """One line: what the stage trained, on which data, and the command that comes next."""
+    stage = results.get("stage")
+    artifacts = results.get("artifacts") or {}
+    loaded = [e.get("path") for e in results.get("loaded") or [] if isinstance(e, dict) and e.get("key") == "init_from"]
+    init = artifacts.get("weights") or (results.get("checkpoints") or {}).get("last") or (loaded or [None])[0]
+    groups = sorted(results.get("optimizer_lr") or {})
+    choices = results.get("choices") or {}
+    what = (f"trained {', '.join(groups)} of model={choices.get('model')} for {results.get('global_step')} steps "
+            f"on data={choices.get('data')}; " if groups else "")
+    cmd = NEXT.get(str(stage))
+    if cmd is None or (init is None and "{init}" in cmd):
+        return f"[easygen] {what.rstrip('; ')}" if what else None
+    return f"[easygen] {what}next: " + cmd.format(init=init, bidiffuser=artifacts.get("bidiffuser_weights"))
+
+
 @rank_zero_only
 def print_summary(results: dict) -> None:
     print(f"\n[easygen] stage={results['stage']} finished; outputs in {results['output_dir']}")
@@ -49,6 +74,13 @@ def print_summary(results: dict) -> None:
     for k, v in (results.get("checkpoints") or {}).items():
         if v:
             print(f"  checkpoint ({k}): {v}")
+    score, base = metrics.get("val/CIDEr"), metrics.get("baseline/val_constant_CIDEr")
+    if isinstance(score, float) and isinstance(base, float) and base > 0:
+        print(f"  val/CIDEr {score:.4f} = {score / base:.2f}x the best constant caption's {base:.4f} "
+              f"(\"{results.get('baseline_caption')}\" for every picture)")
+    line = next_step(results)
+    if line:
+        print(line)
 
 
 def finish_wandb() -> None:

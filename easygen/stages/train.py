@@ -13,6 +13,7 @@ import torch
 from easygen.checkpoint import loaded_weights
 from easygen.errors import ConfigError
 from easygen.stages import build
+from easygen.stages.baselines import constant_caption_baseline
 from easygen.stages.checkpoints import check_resume, resolve_ckpt
 from easygen.stages.common import ensure_data, output_dir
 
@@ -88,6 +89,11 @@ def train_stage(cfg) -> dict:
     best = {}
     if ckpt_cb is not None and ckpt_cb.best_model_score is not None and ckpt_cb.monitor:
         best[ckpt_cb.monitor] = scalar(ckpt_cb.best_model_score)
+    metrics = {k: scalar(v) for k, v in trainer.callback_metrics.items()}
+    baseline = {}
+    if cfg.stage.get("baseline") and "val/CIDEr" in metrics and trainer.is_global_zero:
+        baseline = constant_caption_baseline(cfg, "val")  # the score without looking at the pictures
+        metrics.update({k: v for k, v in baseline.items() if isinstance(v, float)})
     return {
         "global_step": int(trainer.global_step),
         "global_batch": global_batch,
@@ -98,7 +104,8 @@ def train_stage(cfg) -> dict:
         "optimizer_lr": {g.get("name", str(i)): float(g.get("initial_lr", g["lr"]))
                          for o in trainer.optimizers for i, g in enumerate(o.param_groups)},
         "loaded": loaded_weights(module),
-        "metrics": {k: scalar(v) for k, v in trainer.callback_metrics.items()},
+        "metrics": metrics,
+        "baseline_caption": baseline.get("baseline/val_constant_caption"),
         "best": best,
         "checkpoints": {
             "best": getattr(ckpt_cb, "best_model_path", None) or None,
