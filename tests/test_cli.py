@@ -83,6 +83,11 @@ def test_default_run_end_to_end(tmp_path, run_env):
     # the logged validation CIDEr is the one results.json reports
     assert abs(history["val/CIDEr"][-1] - res["metrics"]["val/CIDEr"]) < 1e-6
     assert str(out) in r.stdout and "val/CIDEr" in r.stdout
+    # the summary puts the score beside the best constant caption's, computed on the same val split, and
+    # says what to run next with this run's weights
+    base = res["metrics"]["baseline/val_constant_CIDEr"]
+    assert f"val/CIDEr {res['metrics']['val/CIDEr']:.4f} = " in r.stdout and f"constant caption's {base:.4f}" in r.stdout
+    assert f"next: python run.py stage=instruct lora=on init_from={res['artifacts']['weights']}" in r.stdout
     # quiet by default: none of the messages that do not apply to this run (easygen/lit/log_setup.py), and
     # the schedule's last learning rate is not printed as a result
     printed = r.stdout + r.stderr
