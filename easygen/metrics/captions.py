@@ -34,6 +34,8 @@ __all__ = [
     "spice_models_available",
     "prewarm_meteor",
     "close_meteor",
+    "nocaps_scores",
+    "NOCAPS_DOMAINS",
 ]
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,3 +306,32 @@ def caption_scores(
         for k in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
         if k in scores
     }
+
+
+NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
+
+
+def nocaps_scores(
+    predictions: Mapping[Hashable, str],
+    references: Mapping[Hashable, Sequence[str]],
+    domains: Mapping[Hashable, str],
+    *,
+    spice: bool = True,
+) -> dict[str, float]:
+    """NoCaps scores (Agrawal et al. 2019, "nocaps: novel object captioning at scale", sec. 4): the COCO
+    metrics of the whole split, and of each domain's images scored on their own, as the NoCaps
+    evaluation server reports them (``<domain>/CIDEr``, ``<domain>/SPICE``, ...; CIDEr's document
+    frequencies then come from that domain's references). ``domains``: id -> "in-domain",
+    "near-domain" or "out-domain" (the image's ``domain`` field)."""
+    ids = _check_inputs(predictions, references)
+    unknown = sorted({str(domains.get(i)) for i in ids} - set(NOCAPS_DOMAINS))
+    if unknown:
+        raise ValueError(f"nocaps_scores: domains must be one of {NOCAPS_DOMAINS}, found {unknown}")
+    out = {k: v for k, v in caption_scores(predictions, references, spice=spice).items()}
+    for domain in NOCAPS_DOMAINS:
+        part = [i for i in ids if domains[i] == domain]
+        if part:
+            scores = caption_scores({i: predictions[i] for i in part}, {i: references[i] for i in part},
+                                    spice=spice)  # fmt: skip
+            out.update({f"{domain}/{k}": v for k, v in scores.items()})
+    return out

@@ -1,4 +1,4 @@
-"""VQA accuracy: VQAv2 and OK-VQA (the official VQA evaluation).
+"""VQA accuracy: VQAv2 and OK-VQA (the official VQA evaluation), TextVQA (the EvalAI answer processor).
 
 VQA accuracy follows the official VQAv2 evaluation as it stands (GT-Vision-Lab/VQA,
 ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``): the prediction is normalised (punctuation, number
@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Mapping, Sequence
 
-__all__ = ["vqa_normalize", "vqa_accuracy", "vqa_scores"]
+__all__ = [
+    "vqa_normalize", "vqa_accuracy", "vqa_scores", "evalai_normalize", "textvqa_accuracy", "textvqa_scores",
+]
 
 # ----------------------------------------------------------------------------------------------------
 # VQAv2 accuracy
@@ -125,19 +127,77 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return sum(accs) / len(accs)
 
 
-def vqa_scores(
-    predictions: Mapping[Hashable, str], answers_by_id: Mapping[Hashable, Sequence[str]]
-) -> dict[str, float]:
-    """Mean VQAv2 accuracy over question ids: ``{"accuracy": float in [0, 1]}`` (the official
-    ``overall`` is 100 times this, rounded to 2 decimals)."""
+def _check_ids(name: str, predictions: Mapping, answers_by_id: Mapping) -> None:
+    """The two dicts hold the same ids (a predictions file missing answers is an error naming how many)."""
     missing_pred = [i for i in answers_by_id if i not in predictions]
     missing_ans = [i for i in predictions if i not in answers_by_id]
     if missing_pred or missing_ans:
         raise ValueError(
-            f"vqa_scores: ids without a prediction: {missing_pred[:20]!r} ({len(missing_pred)}), "
-            f"ids without answers: {missing_ans[:20]!r} ({len(missing_ans)})"
+            f"{name}: {len(missing_pred)} question(s) without a prediction {missing_pred[:20]!r}, "
+            f"{len(missing_ans)} prediction(s) for unknown questions {missing_ans[:20]!r}"
         )
     if not answers_by_id:
-        raise ValueError("vqa_scores: nothing to score (no ids)")
-    accs = [vqa_accuracy(predictions[i], answers_by_id[i]) for i in answers_by_id]
+        raise ValueError(f"{name}: nothing to score (no ids)")
+
+
+def _by_type(accs: Mapping[Hashable, float], types: Mapping[Hashable, str] | None) -> dict[str, float]:
+    """Mean accuracy per type (the official ``accuracy['perAnswerType']``), keyed ``accuracy/<type>``."""
+    groups: dict[str, list[float]] = {}
+    for i, a in accs.items():
+        if types is not None and types.get(i):
+            groups.setdefault(str(types[i]), []).append(a)
+    return {f"accuracy/{t}": sum(v) / len(v) for t, v in sorted(groups.items())}
+
+
+def vqa_scores(
+    predictions: Mapping[Hashable, str],
+    answers_by_id: Mapping[Hashable, Sequence[str]],
+    answer_types: Mapping[Hashable, str] | None = None,
+) -> dict[str, float]:
+    """Mean VQAv2 accuracy over question ids: ``{"accuracy": float in [0, 1]}`` (the official
+    ``overall`` is 100 times this, rounded to 2 decimals), and with ``answer_types`` (id -> the
+    annotation's ``answer_type``) the official per-answer-type breakdown as ``accuracy/<type>``."""
+    _check_ids("vqa_scores", predictions, answers_by_id)
+    accs = {i: vqa_accuracy(predictions[i], answers_by_id[i]) for i in answers_by_id}
+    return {"accuracy": sum(accs.values()) / len(accs), **_by_type(accs, answer_types)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# TextVQA: the EvalAI answer processor and the TextVQA evaluator
+# ----------------------------------------------------------------------------------------------------
+# TextVQA's evaluation (the EvalAI challenge's answer processor, in facebookresearch/mmf
+# ``mmf/datasets/processors/processors.py`` ``EvalAIAnswerProcessor`` and ``mmf/utils/m4c_evaluators.py``
+# ``TextVQAAccuracyEvaluator``) differs from the VQAv2 evaluation above in three ways: every string,
+# the human answers included, goes through the whole processor; the processor first lower-cases,
+# deletes every "," and "?" and splits "'s" off its word ("word_tokenize"); and it does so whether or
+# not the human answers agree.
+
+
+def evalai_normalize(answer: str) -> str:
+    """An answer as the EvalAI processor normalises it: ``word_tokenize`` (lower case, "," and "?"
+    deleted, "'s" -> " 's", stripped), newlines and tabs to spaces, then the VQA punctuation, digit and
+    article steps."""
+    text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return _vqa_digits_articles(_vqa_punctuation(text))
+
+
+def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """TextVQA accuracy of one prediction: the prediction and the human answers go through
+    :func:`evalai_normalize`; the score is the mean over the answers i of
+    ``min(1, #{j != i : answers[j] == prediction} / 3)`` (10-choose-9 averaging)."""
+    if isinstance(answers, str) or len(answers) == 0 or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"textvqa_accuracy: answers must be a non-empty list of str, got {answers!r}")
+    pred = evalai_normalize(prediction)
+    gts = [evalai_normalize(a) for a in answers]
+    matches = sum(g == pred for g in gts)
+    return sum(min(1.0, (matches - (g == pred)) / 3.0) for g in gts) / len(gts)
+
+
+def textvqa_scores(
+    predictions: Mapping[Hashable, str], answers_by_id: Mapping[Hashable, Sequence[str]]
+) -> dict[str, float]:
+    """Mean TextVQA accuracy over question ids: ``{"accuracy": float in [0, 1]}``."""
+    _check_ids("textvqa_scores", predictions, answers_by_id)
+    accs = [textvqa_accuracy(predictions[i], answers_by_id[i]) for i in answers_by_id]
     return {"accuracy": sum(accs) / len(accs)}
