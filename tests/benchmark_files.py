@@ -131,3 +131,33 @@ def write_mmbench(folder: Path, n: int = 4) -> Path:
                         ["scene", "ocr"][k % 2], "src", ["perception", "reasoning"][k % 2], "nan", "dev",
                         base64.b64encode(jpeg_bytes(k)).decode()])  # fmt: skip
     return path
+
+
+def write_coco_val2014(folder: Path, n_images: int = 5) -> tuple[Path, Path]:
+    """captions_val2014.json (COCO captions format: images + annotations, two captions a picture) and
+    the val2014 pictures (not square: the reference is center-cropped)."""
+    images = folder / "val2014"
+    images.mkdir(parents=True, exist_ok=True)
+    rows, anns = [], []
+    for k in range(n_images):
+        name = f"COCO_val2014_{k + 1:012d}.jpg"
+        picture(100 + k, size=(40, 56)).save(images / name)
+        rows.append({"id": k + 1, "file_name": name, "height": 40, "width": 56})
+        anns += [{"image_id": k + 1, "id": 10 * k + j, "caption": f"a red square number {k} view {j}"} for j in range(2)]
+    path = folder / "captions_val2014.json"
+    path.write_text(json.dumps({"info": {}, "licenses": [], "images": rows, "annotations": anns}))
+    return path, images
+
+
+def write_feature_extractor(path: Path) -> Path:
+    """A TorchScript feature extractor (uint8 [N, 3, H, W] -> [N, 4]: channel means and contrast), the
+    form `stage.inception` accepts besides torch-fidelity's weights."""
+    import torch
+
+    class Features(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.float() / 255.0
+            return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(1, 2, 3))[:, None]], dim=1)
+
+    torch.jit.script(Features()).save(str(path))
+    return path
