@@ -229,9 +229,14 @@ def test_batched_answers_equal_one_at_a_time(tmp_path):
 
 def test_missing_set_listed_with_its_key_and_the_others_run(sets, tmp_path):
     tmp, d, _ = sets
-    res = _eval(d, tmp_path / "out", "task=all", "stage.tasks=[textvqa,gqa]",
+    res = _eval(d, tmp_path / "out", "task=all", "stage.tasks=[textvqa,gqa]", "logger=wandb",
                 f"stage.benchmarks.textvqa.root={tmp_path}/nowhere")  # fmt: skip
     rows = {r["benchmark"]: r for r in res["table"]}
+    # the same table as a W&B table (the offline run's media file)
+    (table_file,) = (tmp_path / "out").glob("wandb/offline-run-*/files/media/table/eval/benchmarks_*.table.json")
+    logged = json.loads(table_file.read_text())
+    assert logged["columns"][:3] == ["benchmark", "paper", "this_run"]
+    assert [r[:3] for r in logged["data"]] == [[r["benchmark"], r["paper"], r["this_run"]] for r in res["table"]]
     assert rows["textvqa"]["status"] == "missing: set stage.benchmarks.textvqa.root"
     assert "python -m data_modules.convert textvqa" in res["missing"]["textvqa"]
     assert rows["gqa"]["status"] == "scored" and "gqa/accuracy" in res["metrics"]

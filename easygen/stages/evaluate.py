@@ -364,6 +364,8 @@ def all_stage(cfg, out: Path) -> dict:
                 details[task] = {k: v for k, v in res.items() if k != "metrics"}
                 row.update(this_run=_figure(task, res["metrics"]), samples=res.get("num_samples"),
                            seconds=res.get("seconds"), status=res.get("note") or "scored")  # fmt: skip
+                if task == "coco_caption":
+                    row["status"] = f"scored on data={cfg.data.name} (its test split)"
         table.append(row)
     print_table(table)
     log_table_to_wandb(cfg, table, metrics)
