@@ -52,6 +52,10 @@ def fid_inputs(cfg) -> dict:
                         "TorchScript feature extractor)")  # fmt: skip
     elif not Path(str(inception)).exists():
         problems.append(f"stage.inception={inception} does not exist")
+    else:
+        problem = _inception_problem(str(inception))
+        if problem:
+            problems.append(problem)
     clip = cfg.stage.get("clip_model")
     if clip and not Path(str(clip)).exists():
         problems.append(f"stage.clip_model={clip} does not exist (null skips the CLIP score)")
@@ -61,6 +65,30 @@ def fid_inputs(cfg) -> dict:
         raise ConfigError("; ".join(problems))
     return {"annotations": str(node.annotations), "images": str(node.images), "inception": str(inception),
             "clip_model": str(clip) if clip else None}  # fmt: skip
+
+
+def _inception_problem(path: str) -> str | None:
+    """Why `stage.inception` cannot be used, or None: a TorchScript module is used as it is; anything
+    else must be torch-fidelity's FID Inception state dict, with torch-fidelity installed."""
+    try:
+        torch.jit.load(path, map_location="cpu")
+        return None
+    except (RuntimeError, ValueError):
+        pass
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported as one line
+        return f"stage.inception={path} is neither TorchScript nor a state dict ({type(e).__name__})"
+    if not isinstance(state, dict) or not any(str(k).startswith("Conv2d_1a_3x3") for k in state):
+        return f"stage.inception={path} is not torch-fidelity's FID Inception state dict (no Conv2d_1a_3x3 weights)"
+    try:
+        from easygen.metrics.pictures import require_torch_fidelity
+
+        require_torch_fidelity()
+    except ImportError:
+        return (f"stage.inception={path} needs torch-fidelity's InceptionV3: pip install -e '.[fid]' "
+                "(with a torchvision built for the installed torch)")  # fmt: skip
+    return None
 
 
 def draw_captions(annotations: str, n: int, seed: int) -> list[dict]:
