@@ -225,6 +225,11 @@ def test_batched_answers_equal_one_at_a_time(tmp_path):
     # a question without answers (a test split) is generated for, never trained on
     with pytest.raises(ValueError, match="needs a string 'question' and a non-empty 'answers'"):
         module.train_collator([samples[1]])
+    # a picture without reference captions (NoCaps test) likewise
+    unlabelled = {"id": "c", "kind": "caption", "captions": [], "features": samples[0]["features"]}
+    assert len(module.predict_captions(module.eval_collate([unlabelled]), max_new_tokens=4)["predictions"]) == 1
+    with pytest.raises(ValueError, match="kind 'caption' needs a non-empty list"):
+        module.train_collator([unlabelled])
 
 
 def test_missing_set_listed_with_its_key_and_the_others_run(sets, tmp_path):

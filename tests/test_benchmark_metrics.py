@@ -57,6 +57,25 @@ from easygen.metrics import (
 )
 
 # ----------------------------------------------------------------------------------------------------
+# OK-VQA: the VQAv2 evaluation's per-answer-type breakdown
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_vqa_scores_per_answer_type():
+    """vqaEval.py: ``accQA.append(avgGTAcc)``, ``accAnsType[ansType].append(avgGTAcc)``; ``perAnswerType``
+    is the mean of each type's question accuracies (OK-VQA is scored by the same code)."""
+    from easygen.metrics import vqa_scores
+
+    answers = {1: ["yes"] * 10, 2: ["2"] * 2 + ["3"] * 8, 3: ["red"] * 10, 4: ["cat"] * 10}
+    types = {1: "yes/no", 2: "number", 3: "other", 4: "other"}
+    s = vqa_scores({1: "yes", 2: "two", 3: "blue", 4: "cat"}, answers, types)
+    # 1.0; "two" -> "2": 0.6; 0.0; 1.0
+    assert s["accuracy"] == pytest.approx(2.6 / 4)
+    assert s["accuracy/yes/no"] == 1.0 and s["accuracy/number"] == pytest.approx(0.6)
+    assert s["accuracy/other"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------------------
 # TextVQA
 # ----------------------------------------------------------------------------------------------------
 
