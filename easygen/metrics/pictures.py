@@ -59,7 +59,7 @@ def _require_path(path: str | os.PathLike, what: str) -> Path:
 _FID_EXTRA = "pip install -e '.[fid]' (torch-fidelity, with a torchvision built for the installed torch)"
 
 
-def _torchmetrics_fid():
+def torchmetrics_fid():
     """torchmetrics' ``FrechetInceptionDistance``, with a clear error when its image stack cannot load.
 
     torchmetrics imports torch-fidelity's InceptionV3 whenever torch-fidelity is installed, and
@@ -114,7 +114,7 @@ def fid_score(
         if len(x) < 2:
             raise ValueError(f"fid_score: {name} holds {len(x)} image(s); a covariance needs at least 2")
     if isinstance(inception_path, torch.nn.Module):
-        FrechetInceptionDistance = _torchmetrics_fid()
+        FrechetInceptionDistance = torchmetrics_fid()
         fid = FrechetInceptionDistance(feature=inception_path.eval(), input_img_size=tuple(real.shape[1:]))
     else:
         weights = _require_path(inception_path, "Inception weights")
@@ -132,7 +132,7 @@ def fid_score(
             raise ValueError(f"Inception weights {weights}: expected a state dict (name -> tensor)")
         del state
         require_torch_fidelity()
-        FrechetInceptionDistance = _torchmetrics_fid()
+        FrechetInceptionDistance = torchmetrics_fid()
         try:
             fid = FrechetInceptionDistance(
                 feature=2048, feature_extractor_weights_path=str(weights), antialias=antialias
@@ -173,7 +173,7 @@ class _ClipFeatures(torch.nn.Module):
         return self._tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
 
-def _local_clip_loader(clip_path: str | os.PathLike) -> Callable[[], tuple]:
+def local_clip_loader(clip_path: str | os.PathLike) -> Callable[[], tuple]:
     path = _require_path(clip_path, "CLIP model folder")
 
     def load() -> tuple:
@@ -201,7 +201,7 @@ def clip_score(
     x = _to_uint8(images, "images")
     if len(x) != len(texts):
         raise ValueError(f"clip_score: {len(x)} images but {len(texts)} texts")
-    metric = CLIPScore(model_name_or_path=_local_clip_loader(clip_path))
+    metric = CLIPScore(model_name_or_path=local_clip_loader(clip_path))
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             metric.update(list(x[start : start + batch_size]), list(texts[start : start + batch_size]))

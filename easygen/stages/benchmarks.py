@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from easygen.metrics import (
     caption_scores,
     circular_scores,
+    extract_choice,
     gqa_normalize,
     gqa_scores,
     nocaps_scores,
@@ -64,8 +65,6 @@ def gqa_rows(preds: dict[str, str], _records=None) -> list[dict]:
 def mmbench_rows(preds: dict[str, str], records: dict[str, dict]) -> list[dict]:
     """One row per pass: the question's index, the rotation, its options, the right letter, the
     model's answer and the letter extracted from it."""
-    from easygen.metrics.choice import extract_choice
-
     rows = []
     for i, p in preds.items():
         r = records[i]

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchmetrics.multimodal.clip_score import CLIPScore
 
 from easygen.errors import ConfigError
+from easygen.metrics.pictures import local_clip_loader, require_torch_fidelity, torchmetrics_fid
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +84,6 @@ def _inception_problem(path: str) -> str | None:
     if not isinstance(state, dict) or not any(str(k).startswith("Conv2d_1a_3x3") for k in state):
         return f"stage.inception={path} is not torch-fidelity's FID Inception state dict (no Conv2d_1a_3x3 weights)"
     try:
-        from easygen.metrics.pictures import require_torch_fidelity
-
         require_torch_fidelity()
     except ImportError:
         return (f"stage.inception={path} needs torch-fidelity's InceptionV3: pip install -e '.[fid]' "
@@ -137,26 +137,20 @@ def center_crop_resize(image: Image.Image, size: int) -> torch.Tensor:
 def feature_extractor(path: str, resolution: int):
     """torchmetrics' FID accumulator with the Inception network at `path`: a TorchScript module mapping
     uint8 [N, 3, H, W] to [N, D] features, or torch-fidelity's FID Inception state dict."""
-    from easygen.metrics.pictures import _torchmetrics_fid, require_torch_fidelity
-
     try:
         net = torch.jit.load(path, map_location="cpu").eval()
     except (RuntimeError, ValueError):
         net = None
     if net is not None:
-        return _torchmetrics_fid()(feature=net, input_img_size=(3, resolution, resolution))
+        return torchmetrics_fid()(feature=net, input_img_size=(3, resolution, resolution))
     require_torch_fidelity()
-    return _torchmetrics_fid()(feature=2048, feature_extractor_weights_path=path)
+    return torchmetrics_fid()(feature=2048, feature_extractor_weights_path=path)
 
 
 def _clip_metric(path: str | None):
     if not path:
         return None
-    from torchmetrics.multimodal.clip_score import CLIPScore
-
-    from easygen.metrics.pictures import _local_clip_loader
-
-    return CLIPScore(model_name_or_path=_local_clip_loader(path))
+    return CLIPScore(model_name_or_path=local_clip_loader(path))
 
 
 def _fingerprint(cfg, inputs: dict, captions: list[dict]) -> str:

@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import get_class
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from pycocoevalcap.cider.cider import Cider
 
 from callbacks.caption_eval import CaptionEvalCallback
 from callbacks.progress import StepProgressBar
+from data_modules.shards import expand_urls
 from data_modules.stage_datamodule import StageDataModule
 from data_modules.synthetic_reader import attribute_accuracy, parse_caption, read_picture
 from easygen.checkpoint import loaded_weights
@@ -38,7 +41,9 @@ from easygen.stages.benchmarks import (
     shard_records,
 )
 from easygen.stages.checkpoints import resolve_ckpt
+from easygen.stages.coco_fid import coco_fid, fid_inputs
 from easygen.stages.common import container, ensure_data, output_dir
+from easygen.stages.run import write_results
 
 log = logging.getLogger(__name__)
 TASKS = ("coco_caption", "vqa", "t2i", *(b for b in BENCHMARKS if b != "coco_caption"), "coco_fid", "all")
@@ -247,11 +252,7 @@ class PredictionCallback(CaptionEvalCallback):
 def benchmark_shards(cfg, task: str) -> list[str] | dict:
     """The shard files a benchmark is scored on (coco_caption: `data.test`; coco_fid: its files), or a
     ConfigError naming the key to set when they are missing."""
-    from data_modules.shards import expand_urls
-
     if task == "coco_fid":
-        from easygen.stages.coco_fid import fid_inputs
-
         return fid_inputs(cfg)
     if task == "coco_caption":
         ensure_data(cfg)
@@ -294,16 +295,12 @@ def run_benchmark(cfg, module, task: str, shards, out: Path) -> dict:
     """Generate, write the submission file, score (when the set has annotations): the benchmark's
     ``metrics`` (``<task>/<metric>``), its submission file, sample count and speed."""
     if task == "coco_fid":
-        from easygen.stages.coco_fid import coco_fid
-
         return coco_fid(cfg, module, shards, out)
     bench: Benchmark = BENCHMARKS[task]
     records = shard_records(shards)
     preds, seconds = generate_predictions(cfg, module, shards)
     res = {"num_samples": len(records), "seconds": round(seconds, 3),
            "samples_per_s": round(len(records) / seconds, 3) if seconds > 0 else None}  # fmt: skip
-    from lightning.pytorch.utilities import rank_zero_only
-
     if rank_zero_only.rank != 0:
         return {**res, "metrics": {}}
     path = out / bench.submission
@@ -373,8 +370,6 @@ def all_stage(cfg, out: Path) -> dict:
               "table": table, "benchmarks": details, "missing": missing, "failed": failed,
               "loaded": loaded_weights(module) if module is not None else []}  # fmt: skip
     if failed:
-        from easygen.stages.run import write_results
-
         write_results(out, {"stage": str(cfg.stage.name), "output_dir": str(out), **result})
         raise RuntimeError(f"task=all: {len(failed)} benchmark(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     return result
@@ -398,17 +393,12 @@ def format_table(table: list[dict]) -> str:
 
 
 def print_table(table: list[dict]) -> None:
-    from lightning.pytorch.utilities import rank_zero_only
-
     if rank_zero_only.rank == 0:
         print("\n" + format_table(table), flush=True)
 
 
 def log_table_to_wandb(cfg, table: list[dict], metrics: dict) -> None:
     """The table as the W&B table `eval/benchmarks` (and the metrics) of the configured W&B logger."""
-    from lightning.pytorch.loggers import WandbLogger
-    from lightning.pytorch.utilities import rank_zero_only
-
     if rank_zero_only.rank != 0:
         return
     for lg in build.loggers(cfg):
