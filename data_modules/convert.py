@@ -21,6 +21,22 @@ Record formats (one example record each):
                  + annotations json (--annotations, optional): {"annotations": [{"question_id": 42000,
                    "answers": [{"answer": "black"}, ... ten answers]}, ...]};
                  images COCO_<subtype>_%012d.jpg or %012d.jpg in --images
+  okvqa          OK-VQA: the same two files as vqav2 (OpenEnded_mscoco_val2014_questions.json,
+                   mscoco_val2014_annotations.json: ten answers, "answer_type", "question_type")
+  nocaps         nocaps_val_4500_captions.json (COCO captions format plus the image's domain):
+                   {"images": [{"id": 0, "file_name": "0013ea2087020901.jpg", "domain": "in-domain"}, ...],
+                    "annotations": [{"image_id": 0, "caption": "A man ..."}, ...]}; without
+                   "annotations" (nocaps_test_image_info.json) the images are written for the test split
+  gqa            GQA questions (testdev_balanced_questions.json): {"201307251": {"imageId": "n15740",
+                   "question": "Is it ...?", "answer": "yes", "isBalanced": true,
+                   "types": {"structural": "verify", "semantic": "attr", ...}, ...}, ...};
+                   pictures <imageId>.jpg in --images; split testdev unless --split
+  textvqa        TextVQA_0.5.1_val.json: {"dataset_type": "val", "data": [{"question_id": 34602,
+                   "image_id": "003a8ae2ef43b901", "question": "what is ...?", "answers": [ten strings]},
+                   ...]}; pictures <image_id>.jpg in --images (train_images); test has no answers
+  mmbench        the MMBench dev TSV: columns index, question, hint, A, B, C, D, answer, category,
+                   l2-category and image (base64); no --images. Each question is written once per
+                   rotation of its options (circular evaluation), its prompt listing the options
 
 Writes OUT/<split>/shard-%06d.tar and OUT/manifest.json (samples per split and per shard, the source,
 every skipped record with its reason). A JPEG or PNG is copied byte for byte unless --resize asks for a
@@ -47,7 +63,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-FORMATS = ("coco-karpathy", "llava", "vqav2", "captions")
+FORMATS = ("coco-karpathy", "llava", "vqav2", "captions", "okvqa", "nocaps", "gqa", "textvqa", "mmbench")
 IMAGE_MARKER = "<image>"
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -62,6 +78,7 @@ class Record:
     meta: dict[str, Any]
     image: Path | None = None
     image_candidates: list[Path] = field(default_factory=list)
+    image_data: bytes | None = None  # the picture itself, for formats that embed it (MMBench's base64)
     error: str | None = None  # known-bad before reading the image
     where: str = ""  # "line 3" / "images[4]": where the record sits in the source file, for messages
 
@@ -195,9 +212,10 @@ def records_llava(input: str, images: str | None, split: str = "train", **_: Any
 
 
 def records_vqav2(
-    input: str, images: str, annotations: str | None = None, split: str | None = None, **_: Any
+    input: str, images: str, annotations: str | None = None, split: str | None = None, name: str = "vqav2",
+    **_: Any,
 ) -> Iterator[Record]:
-    questions = _load_json(input, "vqav2 questions file")
+    questions = _load_json(input, f"{name} questions file")
     if not isinstance(questions, dict) or not isinstance(questions.get("questions"), list):
         raise ValueError(f"{input}: expected an object with a 'questions' list (VQAv2 questions json)")
     subtype = str(questions.get("data_subtype", ""))
@@ -208,7 +226,7 @@ def records_vqav2(
     )
     answers_by_qid: dict[Any, dict[str, Any]] = {}
     if annotations is not None:
-        ann = _load_json(annotations, "vqav2 annotations file")
+        ann = _load_json(annotations, f"{name} annotations file")
         if not isinstance(ann, dict) or not isinstance(ann.get("annotations"), list):
             raise ValueError(
                 f"{annotations}: expected an object with an 'annotations' list (VQAv2 annotations json)"
@@ -229,7 +247,7 @@ def records_vqav2(
             )
             continue
         qid, image_id = q["question_id"], q["image_id"]
-        key = keys(f"vqa_{qid}")
+        key = keys(f"{'vqa' if name == 'vqav2' else name}_{qid}")
         meta = {
             "id": str(qid),
             "kind": "vqa",
@@ -259,6 +277,155 @@ def records_vqav2(
         yield Record(
             i, key, split, meta, image_candidates=candidates, error=error, where=f"questions[{i}] (id {qid})"
         )
+
+
+def records_okvqa(input: str, images: str, annotations: str | None = None, split: str | None = None,
+                  **_: Any) -> Iterator[Record]:
+    """OK-VQA ships in the VQA format (questions + annotations with ten answers each)."""
+    return records_vqav2(input, images, annotations, split, name="okvqa")
+
+
+def records_nocaps(input: str, images: str, split: str | None = None, **_: Any) -> Iterator[Record]:
+    data = _load_json(input, "nocaps file")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{input}: expected an object with an 'images' list (nocaps_val_4500_captions.json)")
+    has_captions = "annotations" in data
+    split = split or ("val" if has_captions else "test")
+    captions: dict[Any, list] = {}
+    for a in data.get("annotations") or []:
+        if isinstance(a, dict) and "image_id" in a:
+            captions.setdefault(a["image_id"], []).append(a.get("caption"))
+    keys = _KeyMaker()
+    for i, im in enumerate(data["images"]):
+        where = f"images[{i}]"
+        if not isinstance(im, dict) or not {"id", "file_name"} <= im.keys():
+            yield Record(i, f"record{i}", split, {}, error="image lacks 'id' or 'file_name'", where=where)
+            continue
+        caps = captions.get(im["id"], [])
+        meta = {"id": str(im["id"]), "kind": "caption", "captions": caps, "split": split,
+                "domain": im.get("domain"), "file_name": im["file_name"]}  # fmt: skip
+        error = _check_captions(caps) if has_captions else None
+        if has_captions and im.get("domain") not in ("in-domain", "near-domain", "out-domain"):
+            error = error or f"'domain' must be in-domain, near-domain or out-domain, found {im.get('domain')!r}"
+        yield Record(i, keys(f"nocaps_{im['id']}"), split, meta, image=Path(images) / im["file_name"],
+                     error=error, where=f"{where} (id {im['id']})")  # fmt: skip
+
+
+def records_gqa(input: str, images: str, split: str | None = None, **_: Any) -> Iterator[Record]:
+    data = _load_json(input, "gqa questions file")
+    if not isinstance(data, dict):
+        raise ValueError(f"{input}: expected an object {{question_id: {{imageId, question, answer, ...}}}}")
+    split = split or "testdev"
+    keys = _KeyMaker()
+    for i, (qid, q) in enumerate(data.items()):
+        where = f"question {qid}"
+        if not isinstance(q, dict) or not {"imageId", "question"} <= q.keys():
+            yield Record(i, f"record{i}", split, {}, error="question lacks 'imageId' or 'question'", where=where)
+            continue
+        answer = q.get("answer")
+        meta = {"id": str(qid), "kind": "vqa", "question": q["question"], "split": split,
+                "answers": [answer] if isinstance(answer, str) else [], "imageId": q["imageId"],
+                "isBalanced": bool(q.get("isBalanced", True)),
+                "types": {k: (q.get("types") or {}).get(k) for k in ("structural", "semantic", "detailed")}}
+        error = None if isinstance(q["question"], str) and q["question"].strip() else "empty question"
+        if "answer" in q and not (isinstance(answer, str) and answer):
+            error = error or "empty answer"
+        yield Record(i, keys(f"gqa_{qid}"), split, meta, image=Path(images) / f"{q['imageId']}.jpg",
+                     error=error, where=where)  # fmt: skip
+
+
+def records_textvqa(input: str, images: str, split: str | None = None, **_: Any) -> Iterator[Record]:
+    data = _load_json(input, "textvqa file")
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise ValueError(f"{input}: expected an object with a 'data' list (TextVQA_0.5.1_<split>.json)")
+    split = split or str(data.get("dataset_type") or "val")
+    keys = _KeyMaker()
+    for i, q in enumerate(data["data"]):
+        where = f"data[{i}]"
+        if not isinstance(q, dict) or not {"question_id", "image_id", "question"} <= q.keys():
+            yield Record(i, f"record{i}", split, {}, error="record lacks 'question_id', 'image_id' or 'question'",
+                         where=where)  # fmt: skip
+            continue
+        answers = q.get("answers", [])
+        meta = {"id": str(q["question_id"]), "kind": "vqa", "question": q["question"], "answers": answers,
+                "question_id": q["question_id"], "image_id": q["image_id"], "split": split}  # fmt: skip
+        error = None if isinstance(q["question"], str) and q["question"].strip() else "empty question"
+        if "answers" in q and (len(answers) != 10 or not all(isinstance(a, str) for a in answers)):
+            error = error or f"expected 10 string answers, found {len(answers) if isinstance(answers, list) else 0}"
+        yield Record(i, keys(f"textvqa_{q['question_id']}"), split, meta,
+                     image=Path(images) / f"{q['image_id']}.jpg", error=error,
+                     where=f"{where} (id {q['question_id']})")  # fmt: skip
+
+
+MMBENCH_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+def mmbench_prompt(question: str, hint: str | None, options: dict[str, str]) -> str:
+    """The multiple-choice prompt: the hint (when there is one), the question, one line per option
+    ("A. ..."), and the instruction to answer with the letter."""
+    lines = [f"{hint}\n{question}" if hint else question]
+    lines += [f"{letter}. {text}" for letter, text in options.items()]
+    return "\n".join([*lines, MMBENCH_INSTRUCTION])
+
+
+def _tsv_value(row: dict, key: str) -> str | None:
+    value = row.get(key)
+    if value is None or not str(value).strip() or str(value).strip().lower() == "nan":
+        return None
+    return str(value)
+
+
+def records_mmbench(input: str, split: str | None = None, **_: Any) -> Iterator[Record]:
+    import base64
+    import binascii
+    import csv
+
+    from easygen.metrics.choice import rotations
+
+    csv.field_size_limit(1 << 30)  # the pictures are base64 fields of megabytes
+    try:
+        with open(input, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"mmbench file {input} does not exist") from exc
+    if rows and not {"index", "question", "A", "B", "answer", "image"} <= rows[0].keys():
+        raise ValueError(f"{input}: expected the MMBench TSV columns index, question, A, B, ..., answer, image")
+    split = split or "dev"
+    keys = _KeyMaker()
+    n = 0
+    for i, row in enumerate(rows):
+        where = f"row {i + 2} (index {row.get('index')})"
+        options = [v for v in (_tsv_value(row, c) for c in "ABCDEFGHI") if v is not None]
+        answer = (_tsv_value(row, "answer") or "").strip()
+        error = None
+        if len(options) < 2:
+            error = f"{len(options)} option(s); multiple choice needs at least 2"
+        elif answer not in "ABCDEFGHI"[: len(options)] or not answer:
+            error = f"answer {answer!r} is not one of the {len(options)} option letters"
+        elif not _tsv_value(row, "question"):
+            error = "empty question"
+        try:
+            data = base64.b64decode(row.get("image") or "", validate=True)
+        except (binascii.Error, ValueError):
+            data = b""
+        if error is None and not data:
+            error = "unreadable image: the 'image' field is not base64"
+        if error is not None:
+            yield Record(n, f"row{i + 2}", split, {}, error=error, where=where)
+            n += 1
+            continue
+        index = str(row["index"]).strip()
+        for k, (opts, right) in enumerate(rotations(options, "ABCDEFGHI".index(answer))):
+            letters = {"ABCDEFGHI"[j]: o for j, o in enumerate(opts)}
+            prompt = mmbench_prompt(row["question"], _tsv_value(row, "hint"), letters)
+            meta = {"id": f"{index}_{k}", "kind": "conversation", "split": split, "question_index": index,
+                    "rotation": k, "options": letters, "answer": "ABCDEFGHI"[right],
+                    "captions": ["ABCDEFGHI"[right]], "category": _tsv_value(row, "category"),
+                    "l2-category": _tsv_value(row, "l2-category"),
+                    "conversations": [{"from": "human", "value": f"{IMAGE_MARKER}\n{prompt}"},
+                                      {"from": "gpt", "value": "ABCDEFGHI"[right]}]}  # fmt: skip
+            yield Record(n, keys(f"mmbench_{index}_{k}"), split, meta, image_data=data, where=where)
+            n += 1
 
 
 _RESERVED = {"id", "kind", "captions", "split", "image"}
@@ -309,6 +476,11 @@ READERS: dict[str, Callable[..., Iterator[Record]]] = {
     "llava": records_llava,
     "vqav2": records_vqav2,
     "captions": records_captions,
+    "okvqa": records_okvqa,
+    "nocaps": records_nocaps,
+    "gqa": records_gqa,
+    "textvqa": records_textvqa,
+    "mmbench": records_mmbench,
 }
 
 
@@ -316,8 +488,8 @@ READERS: dict[str, Callable[..., Iterator[Record]]] = {
 # image reading (runs in worker processes)
 
 
-def _encode_image(path: Path, resize: int | None) -> tuple[str, bytes]:
-    data = path.read_bytes()
+def _encode_image(path: Path | None, resize: int | None, data: bytes | None = None) -> tuple[str, bytes]:
+    data = path.read_bytes() if data is None else data
     with Image.open(io.BytesIO(data)) as img:
         fmt = img.format
         # A full decode, not verify(): verify() misses truncated JPEG data.
@@ -351,6 +523,12 @@ def _prepare(record: Record) -> Prepared:
     if record.error is not None:
         return skip(record.error)
     members: dict[str, bytes] = {}
+    if record.image_data is not None:
+        try:
+            ext, data = _encode_image(None, _RESIZE, record.image_data)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            return skip(f"unreadable image: {exc}")
+        members[ext] = data
     path = record.image
     if path is None and record.image_candidates:
         path = next((p for p in record.image_candidates if p.is_file()), None)
@@ -378,6 +556,7 @@ _KINDS = (
     (re.compile(r"^malformed conversation"), "malformed conversation"),
     (re.compile(r"^no annotation for question_id"), "no annotation for the question"),
     (re.compile(r"^expected 10 string answers"), "not 10 string answers"),
+    (re.compile(r"^answer .* is not one of the"), "answer is not an option letter"),
 )
 
 
@@ -454,7 +633,7 @@ def _check_inputs(format: str, input, images, annotations, shard_size: int) -> N
         raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if format in ("coco-karpathy", "vqav2") and images is None:
+    if format in ("coco-karpathy", "vqav2", "okvqa", "nocaps", "gqa", "textvqa") and images is None:
         raise ValueError(f"format {format!r} needs --images (the folder of the COCO images)")
     for what, path in (("input file", input), ("annotations file", annotations)):
         if path is not None and not Path(path).is_file():
@@ -590,7 +769,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("format", choices=FORMATS)
     parser.add_argument("--input", required=True, help="the source json/jsonl file")
     parser.add_argument("--images", default=None, help="folder the record image paths are relative to")
-    parser.add_argument("--annotations", default=None, help="vqav2: the annotations json")
+    parser.add_argument("--annotations", default=None, help="vqav2, okvqa: the annotations json")
     parser.add_argument(
         "--out", required=True, help="output folder for <split>/shard-*.tar and manifest.json"
     )

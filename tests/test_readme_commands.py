@@ -156,6 +156,49 @@ def _write_downloads(copy: Path) -> None:
          "data_subtype": "train2014", "questions": questions}))
     (dl / "v2_mscoco_train2014_annotations.json").write_text(json.dumps(
         {"info": {}, "license": {}, "data_subtype": "train2014", "annotations": annotations}))
+    _write_benchmark_downloads(dl)
+
+
+def _write_benchmark_downloads(dl: Path) -> None:
+    """The benchmarks' public files at the paths the README names (tests/benchmark_files.py writes them)."""
+    import torch
+
+    from tests import benchmark_files as bf
+
+    path, images = bf.write_nocaps(dl / "nocaps")
+    path.rename(dl / path.name)
+    images.rename(dl / "nocaps" / "val")
+    for src, subtype, folder in ((dl / "_okvqa", "val2014", "val2014"), (dl / "_testdev", "test-dev2015", "test2015")):
+        q, a, images = bf.write_vqa_format(src, subtype=subtype, annotations=subtype == "val2014")
+        for picture in images.iterdir():
+            (dl / "coco" / folder).mkdir(parents=True, exist_ok=True)
+            picture.rename(dl / "coco" / folder / picture.name)
+        if a is not None:
+            q.rename(dl / "OpenEnded_mscoco_val2014_questions.json")
+            a.rename(dl / "mscoco_val2014_annotations.json")
+        else:
+            q.rename(dl / "v2_OpenEnded_mscoco_test-dev2015_questions.json")
+        shutil.rmtree(src)
+    bf.write_gqa(dl / "gqa")
+    path, _ = bf.write_textvqa(dl / "textvqa")
+    path.rename(dl / path.name)
+    bf.write_mmbench(dl)
+    path, _ = bf.write_coco_val2014(dl / "coco")
+    (dl / "coco" / "annotations").mkdir()
+    path.rename(dl / "coco" / "annotations" / path.name)
+    # the FID Inception weights' file (its first layer only: enough for the config check, which stops
+    # the run naming the `fid` extra where torch-fidelity is not installed)
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, dl / "pt_inception-2015-12-05.pth")
+
+
+def _has_torch_fidelity() -> bool:
+    try:
+        from easygen.metrics.pictures import require_torch_fidelity
+
+        require_torch_fidelity()
+        return True
+    except ImportError:
+        return False
 
 
 def _fresh_copy(dest: Path) -> Path:
@@ -242,6 +285,12 @@ def test_readme_command(command, workdir, capsys):
         shown = yaml.safe_load(proc.stdout)
         stage = re.search(r"experiment=\w+/(\w+)", command)
         assert stage is None or shown["stage"]["name"] == stage.group(1), tail
+    elif "task=coco_fid" in command and not _has_torch_fidelity():
+        # FID from Inception weights needs the `fid` extra: one line naming it and the key
+        assert proc.returncode == 2, tail
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert errors and "stage.inception=" in errors[0] and "pip install -e '.[fid]'" in errors[0], tail
+        assert "Traceback" not in proc.stderr, tail
     elif NEEDS_WEIGHTS.search(command):
         assert proc.returncode == 2, tail
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -101,7 +101,7 @@ def test_vqa_scores():
     answers = {1: ["yes"] * 10, 2: ["2"] * 2 + ["3"] * 8, 3: ["red"] * 10}
     # 1.0; "two" -> "2" with 2 matches -> 0.6; 0.0
     assert vqa_scores(preds, answers)["accuracy"] == pytest.approx((1.0 + 0.6 + 0.0) / 3)
-    with pytest.raises(ValueError, match=r"without a prediction: \[3\]"):
+    with pytest.raises(ValueError, match=r"1 question\(s\) without a prediction \[3\]"):
         vqa_scores({1: "yes", 2: "2"}, answers)
     with pytest.raises(ValueError, match="non-empty list"):
         vqa_accuracy("yes", [])

@@ -91,17 +91,21 @@ class EasyGenCollator:
         sid, kind = sample.get("id", "?"), sample.get("kind")
         if kind == "caption":
             captions = sample.get("captions")
-            if not captions or not all(isinstance(c, str) for c in captions):
+            # a test split without references (NoCaps test) is generated for, never trained on
+            unlabelled = self.eval_mode and captions == []
+            if not (captions or unlabelled) or not all(isinstance(c, str) for c in captions):
                 raise ValueError(
                     f"sample {sid}: kind 'caption' needs a non-empty list of strings in 'captions'"
                 )
             # Eval always asks the same question so that scores do not depend on batch order.
             prompt = f"{IMAGE_MARKER} {CAPTION_PROMPTS[0] if self.eval_mode else caption_prompt(self.rng)}"
-            target = captions[0] if self.eval_mode else self.rng.choice(captions)
+            target = "" if unlabelled else captions[0] if self.eval_mode else self.rng.choice(captions)
             return [{"from": "human", "value": prompt}, {"from": "gpt", "value": target}], list(captions)
         if kind == "vqa":
             question, answers = sample.get("question"), sample.get("answers")
-            if not isinstance(question, str) or not answers:
+            # questions without answers (VQAv2 test-dev) are generated for, never trained on
+            unlabelled = self.eval_mode and answers == []
+            if not isinstance(question, str) or not (answers or unlabelled):
                 raise ValueError(
                     f"sample {sid}: kind 'vqa' needs a string 'question' and a non-empty 'answers'"
                 )
@@ -109,7 +113,7 @@ class EasyGenCollator:
             refs = [a["answer"] if isinstance(a, dict) else a for a in answers]
             return [
                 {"from": "human", "value": prefix + vqa_prompt(question)},
-                {"from": "gpt", "value": most_common_answer(answers)},
+                {"from": "gpt", "value": most_common_answer(answers) if answers else ""},
             ], refs
         if kind == "conversation":
             conv = sample.get("conversations")

@@ -1,27 +1,52 @@
-"""`stage=eval task=coco_caption|vqa|t2i`: evaluates a checkpoint (`ckpt_path=` or `init_from=`) on the
-test split across ranks and writes `results.json` plus the per-sample predictions (`predictions.json`,
-COCO results format for captions) so that others can check the numbers."""
+"""`stage=eval task=...`: evaluates a checkpoint (`ckpt_path=` or `init_from=`) and writes `results.json`
+plus the per-sample predictions in the official results formats, so that others can check the numbers.
+
+- `task=coco_caption|vqa|t2i`: the `data` set's test split across ranks;
+- `task=nocaps|okvqa|gqa|textvqa|mmbench|vqav2_testdev`: a benchmark of the paper (easygen/stages/benchmarks.py)
+  from its converted shards, its official metric and submission file;
+- `task=coco_fid`: MS-COCO 256x256 text-to-image FID (easygen/stages/coco_fid.py);
+- `task=all`: every benchmark whose data is configured, one table with the paper's figure beside this
+  run's (printed, in `results.json` and as a W&B table); the missing ones are listed with the key to set."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra.utils import get_class
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from pycocoevalcap.cider.cider import Cider
 
 from callbacks.caption_eval import CaptionEvalCallback
 from callbacks.progress import StepProgressBar
+from data_modules.shards import expand_urls
 from data_modules.stage_datamodule import StageDataModule
 from data_modules.synthetic_reader import attribute_accuracy, parse_caption, read_picture
 from easygen.checkpoint import loaded_weights
 from easygen.errors import ConfigError
 from easygen.metrics import clip_score, fid_score, ptb_tokenize, require_torch_fidelity, vqa_scores
 from easygen.stages import build
+from easygen.stages.benchmarks import (
+    ALL_TASKS,
+    BENCHMARKS,
+    COCO_FID_PAPER,
+    Benchmark,
+    check_complete,
+    shard_records,
+)
 from easygen.stages.checkpoints import resolve_ckpt
+from easygen.stages.coco_fid import coco_fid, fid_inputs
 from easygen.stages.common import container, ensure_data, output_dir
+from easygen.stages.run import write_results
+
+log = logging.getLogger(__name__)
+TASKS = ("coco_caption", "vqa", "t2i", *(b for b in BENCHMARKS if b != "coco_caption"), "coco_fid", "all")
 
 
 def _module(cfg):
@@ -40,10 +65,18 @@ def _module(cfg):
 
 def eval_stage(cfg) -> dict:
     task = str(cfg.task)
-    if task not in ("coco_caption", "vqa", "t2i"):
-        raise ConfigError(f"unknown task={task}: choose task=coco_caption|vqa|t2i")
+    if task not in TASKS:
+        raise ConfigError(f"unknown task={task}: choose task={'|'.join(TASKS)}")
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    if task == "all":
+        return all_stage(cfg, out)
+    if (task in BENCHMARKS and task != "coco_caption") or task == "coco_fid":
+        shards = benchmark_shards(cfg, task)  # a missing set stops the run before any model is built
+        module = _module(cfg)
+        res = run_benchmark(cfg, module, task, shards, out)
+        return {"global_step": 0, "task": task, "metrics": res.pop("metrics"), "best": {}, "checkpoints": {},
+                **res, "loaded": loaded_weights(module)}  # fmt: skip
     ensure_data(cfg)
     module = _module(cfg)
     if task == "t2i":
@@ -197,3 +230,180 @@ def attribute_readings(prompts: list[str], images: list) -> list[tuple[dict, dic
     if not named or any(v is None for n in named for v in n.values()):
         return None
     return [(read_picture(im), n) for im, n in zip(images, named)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the paper's benchmarks
+# ----------------------------------------------------------------------------------------------------
+
+
+class PredictionCallback(CaptionEvalCallback):
+    """The caption callback's gathering across ranks and de-duplication, without scoring: the
+    benchmark scores the gathered predictions with its own metric and records."""
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._records = []
+        self._images = {}
+
+    def score(self, predictions: dict, references: dict) -> dict:
+        return {}
+
+
+def benchmark_shards(cfg, task: str) -> list[str] | dict:
+    """The shard files a benchmark is scored on (coco_caption: `data.test`; coco_fid: its files), or a
+    ConfigError naming the key to set when they are missing."""
+    if task == "coco_fid":
+        return fid_inputs(cfg)
+    if task == "coco_caption":
+        ensure_data(cfg)
+        return expand_urls(cfg.data.test)
+    node = cfg.stage.benchmarks[task]
+    folder = Path(str(node.root)) / str(node.split)
+    shards = sorted(str(p) for p in folder.glob("*.tar")) if folder.is_dir() else []
+    if not shards:
+        raise ConfigError(
+            f"no {task} shards in {folder}: write them with `{BENCHMARKS[task].converter} ... --out "
+            f"{node.root}` or set stage.benchmarks.{task}.root (split folder: stage.benchmarks.{task}.split)"
+        )
+    return shards
+
+
+def _clear_feature_cache(module) -> None:
+    """On-the-fly i2t features are cached by sample id; ids repeat across benchmarks (COCO question ids)."""
+    cache = getattr(module, "_feature_cache", None)
+    if cache is not None:
+        cache.clear()
+
+
+def generate_predictions(cfg, module, shards: list[str]) -> tuple[dict[str, str], float]:
+    """The model's answer to every sample of the shards (batches of `stage.batch_size`, default
+    `data.eval_batch_size`; left-padded prompts, KV cache), gathered on rank zero; and the seconds taken."""
+    batch = int(cfg.stage.get("batch_size") or cfg.data.eval_batch_size)
+    dm = StageDataModule(test=shards, image_size=int(cfg.model.image_size), batch_size=batch, eval_batch_size=batch,
+                         num_workers=int(cfg.data.get("num_workers") or 0), eval_collate_fn=module.eval_collate,
+                         load_images=module.needs_images)  # fmt: skip
+    cb = PredictionCallback(prefix="test", max_samples_table=0)
+    trainer = build.trainer(cfg, logger=False, enable_checkpointing=False,
+                            callbacks=[cb, *([StepProgressBar()] if cfg.trainer.enable_progress_bar else [])])  # fmt: skip
+    _clear_feature_cache(module)
+    start = time.perf_counter()
+    trainer.validate(module, dataloaders=dm.test_dataloader(), verbose=False)
+    return cb.last_predictions, time.perf_counter() - start
+
+
+def run_benchmark(cfg, module, task: str, shards, out: Path) -> dict:
+    """Generate, write the submission file, score (when the set has annotations): the benchmark's
+    ``metrics`` (``<task>/<metric>``), its submission file, sample count and speed."""
+    if task == "coco_fid":
+        return coco_fid(cfg, module, shards, out)
+    bench: Benchmark = BENCHMARKS[task]
+    records = shard_records(shards)
+    preds, seconds = generate_predictions(cfg, module, shards)
+    res = {"num_samples": len(records), "seconds": round(seconds, 3),
+           "samples_per_s": round(len(records) / seconds, 3) if seconds > 0 else None}  # fmt: skip
+    if rank_zero_only.rank != 0:
+        return {**res, "metrics": {}}
+    path = out / bench.submission
+    path.write_text(json.dumps(bench.rows(preds, records), indent=1))
+    res["artifacts"] = {"predictions": str(path)}
+    if bench.score is None:
+        check_complete(task, preds, records)
+        res["note"] = f"no annotations: upload {path.name} to EvalAI for the score"
+        log.info("%s: %d answers written to %s; upload it to EvalAI for the test-dev score", task, len(preds), path)
+        return {**res, "metrics": {}}
+    scores = bench.score(preds, records, dict(cfg.stage))
+    if scores is None:
+        res["note"] = f"no references in this split: upload {path.name} to the benchmark's server"
+        return {**res, "metrics": {}}
+    return {**res, "metrics": {f"{task}/{k}": float(v) for k, v in scores.items()}}
+
+
+def _figure(task: str, metrics: dict) -> float | None:
+    """This run's headline figure in the paper's units (x100; FID as it is)."""
+    if task == "coco_fid":
+        v = metrics.get("coco_fid/FID")
+        return None if v is None else round(float(v), 2)
+    v = metrics.get(f"{task}/{BENCHMARKS[task].metric}")
+    return None if v is None else round(100.0 * float(v), 2)
+
+
+def all_stage(cfg, out: Path) -> dict:
+    """Every benchmark whose data is configured, in the paper's order; one table of the paper's figure
+    beside this run's. A benchmark without data is listed with the key to set and the others run."""
+    tasks = list(cfg.stage.get("tasks") or ALL_TASKS)
+    inputs, missing = {}, {}
+    for task in tasks:
+        try:
+            inputs[task] = benchmark_shards(cfg, task)
+        except ConfigError as e:
+            missing[task] = str(e)
+    table, metrics, details, failed = [], {}, {}, {}
+    module = _module(cfg) if inputs else None
+    for task in tasks:
+        title = "MS-COCO 256x256 text-to-image (FID)" if task == "coco_fid" else BENCHMARKS[task].title
+        paper = COCO_FID_PAPER if task == "coco_fid" else BENCHMARKS[task].paper
+        row = {"benchmark": task, "title": title, "paper": paper, "this_run": None, "samples": None,
+               "seconds": None, "status": ""}  # fmt: skip
+        if task in missing:
+            keys = dict.fromkeys(re.findall(r"stage\.[\w.]+(?<!\.)", missing[task]))
+            keys = [k for k in keys if not k.endswith(".split")]
+            row["status"] = f"missing: set {', '.join(keys)}" if keys else f"missing: {missing[task]}"
+        else:
+            folder = out / task
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                res = run_benchmark(cfg, module, task, inputs[task], folder)
+            except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
+                failed[task] = f"{type(e).__name__}: {e}"
+                row["status"] = f"failed: {failed[task]}"
+            else:
+                metrics.update(res["metrics"])
+                details[task] = {k: v for k, v in res.items() if k != "metrics"}
+                row.update(this_run=_figure(task, res["metrics"]), samples=res.get("num_samples"),
+                           seconds=res.get("seconds"), status=res.get("note") or "scored")  # fmt: skip
+                if task == "coco_caption":
+                    row["status"] = f"scored on data={cfg.data.name} (its test split)"
+        table.append(row)
+    print_table(table)
+    log_table_to_wandb(cfg, table, metrics)
+    result = {"global_step": 0, "task": "all", "metrics": metrics, "best": {}, "checkpoints": {},
+              "table": table, "benchmarks": details, "missing": missing, "failed": failed,
+              "loaded": loaded_weights(module) if module is not None else []}  # fmt: skip
+    if failed:
+        write_results(out, {"stage": str(cfg.stage.name), "output_dir": str(out), **result})
+        raise RuntimeError(f"task=all: {len(failed)} benchmark(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    return result
+
+
+TABLE_COLUMNS = ("benchmark", "paper", "this_run", "samples", "seconds", "status")
+
+
+def format_table(table: list[dict]) -> str:
+    """The table as printed: one line per benchmark, the paper's figure beside this run's."""
+    def cell(v):
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    rows = [[r["title"], cell(r["paper"]), cell(r["this_run"]), cell(r["samples"]), cell(r["seconds"]),
+             r["status"]] for r in table]  # fmt: skip
+    head = ["benchmark", "paper", "this run", "samples", "seconds", "status"]
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(5)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  " + head[5]]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5] for r in rows]
+    return "\n".join(lines)
+
+
+def print_table(table: list[dict]) -> None:
+    if rank_zero_only.rank == 0:
+        print("\n" + format_table(table), flush=True)
+
+
+def log_table_to_wandb(cfg, table: list[dict], metrics: dict) -> None:
+    """The table as the W&B table `eval/benchmarks` (and the metrics) of the configured W&B logger."""
+    if rank_zero_only.rank != 0:
+        return
+    for lg in build.loggers(cfg):
+        if isinstance(lg, WandbLogger):
+            lg.log_table(key="eval/benchmarks", columns=[*TABLE_COLUMNS, "title"],
+                         data=[[r[c] for c in (*TABLE_COLUMNS, "title")] for r in table])  # fmt: skip
+            if metrics:
+                lg.log_metrics(metrics)
