@@ -148,6 +148,9 @@ def serve_stage(cfg) -> dict:
             from easygen.serve.web import mount_web
 
             app = mount_web(app, engine, settings, tmp)
+        if settings.api_key is None and not is_loopback(settings.host):
+            print(f"WARNING: listening on {settings.host} without an API key: anyone who can reach it may use "
+                  "the model; set stage.api_key=... or EASYGEN_API_KEY", file=sys.stderr, flush=True)
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         url = f"http://{host}:{settings.port}"
         print(
@@ -156,9 +159,6 @@ def serve_stage(cfg) -> dict:
             + f"; OpenAI-compatible API at {url}/v1; Ctrl-C stops",
             flush=True,
         )
-        if settings.api_key is None and not is_loopback(settings.host):
-            print(f"WARNING: listening on {settings.host} without an API key: anyone who can reach it may use "
-                  "the model; set stage.api_key=... or EASYGEN_API_KEY", file=sys.stderr, flush=True)
         server = _server(app, str(s.log_level))
         try:
             server.run(sockets=[sock])
