@@ -40,9 +40,10 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 
-from data_modules.synthetic import draw, sample_attributes
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_modules.synthetic import draw, sample_attributes  # noqa: E402
 
 
 def start_server(tmp: Path, overrides: list[str]) -> tuple[subprocess.Popen, str]:
@@ -159,23 +160,48 @@ def measure(url: str, n: int, concurrency: int, max_tokens: int, seed: int) -> d
     return summarise(results, time.perf_counter() - t0)
 
 
+async def alternate(urls: list[str], n: int, max_tokens: int) -> list[list[dict]]:
+    """One client alone: n requests to each server, taking turns (A, B, A, B, ...), so that both see the
+    same load from the rest of the machine."""
+    pics = pictures(n, seed=7)
+    out: list[list[dict]] = [[] for _ in urls]
+    clients = [httpx.AsyncClient(timeout=600) for _ in urls]
+    try:
+        for i in range(n):
+            for k, url in enumerate(urls):
+                out[k].append(await one(clients[k], url, i, max_tokens, pics[i] if i % 2 == 0 else None))
+    finally:
+        for c in clients:
+            await c.aclose()
+    return out
+
+
 def compare(args, overrides: list[str]) -> dict:
-    """stage.max_batch=1 (the reference) and the default batch on the same load, one server at a time."""
-    rows = {}
+    """stage.max_batch=1 (the reference) and the default batch on the same load. Both servers run from the
+    start (an idle one takes no CPU); the loads go to one after the other, the single client to both in
+    turns."""
+    names = ("max_batch=1", "default (max_batch=16)")
     load_before = load_average()
-    for name, extra in (("max_batch=1", ["stage.max_batch=1"]), ("default (max_batch=16)", [])):
-        with tempfile.TemporaryDirectory(prefix="easygen-bench-serve-") as tmp:
-            proc, url = start_server(Path(tmp), [*extra, *overrides])
-            try:
+    with tempfile.TemporaryDirectory(prefix="easygen-bench-serve-") as tmp:
+        procs, urls = [], []
+        try:
+            for k, extra in enumerate((["stage.max_batch=1"], [])):
+                (Path(tmp) / f"server{k}").mkdir()
+                proc, url = start_server(Path(tmp) / f"server{k}", [*extra, *overrides])
+                procs.append(proc)
+                urls.append(url)
                 measure(url, 8, 4, 8, seed=99)  # warm-up: first calls of every code path
-                row = {"load": measure(url, args.n, 16, 64, seed=1)}
-                for c in (1, 4):
-                    row[f"c{c}"] = measure(url, max(8, 2 * c), c, 64, seed=2 + c)
-            finally:
+            rows = {name: {"load": measure(url, args.n, 16, 64, seed=1)} for name, url in zip(names, urls)}
+            for name, url in zip(names, urls):
+                rows[name]["c4"] = measure(url, 16, 4, 64, seed=4)
+            for name, results in zip(names, asyncio.run(alternate(urls, 16, 64))):
+                rows[name]["c1"] = summarise(results, sum(r["total"] for r in results))
+        finally:
+            for proc in procs:
                 proc.terminate()
                 proc.wait(timeout=60)
-        rows[name] = row
-        print(f"{name}: {json.dumps(row)}", flush=True)
+    for name in names:
+        print(f"{name}: {json.dumps(rows[name])}", flush=True)
     load_after = load_average()
     ref, new = rows["max_batch=1"], rows["default (max_batch=16)"]
     header = ("| server | requests/s (16 clients) | TTFT p50 / p95 (16) | total p50 / p95 (16) | TTFT p50 (4) "
