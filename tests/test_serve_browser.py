@@ -1,7 +1,8 @@
 """The web demo of `python -m easygen.serve`, driven by headless Chromium through selenium (Debian's
 `chromium` and `chromium-driver`): attach a picture and ask about it (the answer streams in), ask for a
 picture (BiDiffuser's drawing appears in the conversation), draw with the Draw button, and attach a file
-that is not a picture (an error, and the page goes on). The tiny LLM is trained first (tests/test_serve_api.py)
+that is not a picture (an error, and the page goes on); with an API key, the login asked once per browser
+session, and the busy message when the engine's line is full. The tiny LLM is trained first (tests/test_serve_api.py)
 so that its answers are the learned words; the drawn pictures are compared pixel for pixel with
 BiDiffuser's text-to-image in this process.
 
