@@ -253,6 +253,20 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """The server's open descriptors by kind (socket, anon_inode:[eventpoll], pipe, a file's folder)."""
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = target.split(":[")[0] if ":[" in target and not target.startswith("anon_inode") else target
+        kind = str(Path(kind).parent) if kind.startswith("/") and kind != "/dev/null" else kind
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items()))
+
+
 def files_under(folder: Path) -> tuple[int, int]:
     """(PNG pictures, all files) under the server's temporary folder."""
     files = [p for p in folder.rglob("*") if p.is_file()]
@@ -313,12 +327,12 @@ def main(argv: list[str] | None = None) -> dict:
             asyncio.run(warm.run(2))
             wait_idle(url)
             time.sleep(1.0)
-            fds_start, rss_warm = fds(proc.pid), rss_mib(proc.pid)
+            fds_start, rss_warm, kinds_start = fds(proc.pid), rss_mib(proc.pid), fd_kinds(proc.pid)
             load_start = os.getloadavg()
             s, samples = asyncio.run(soak(url, proc.pid, folder, args.minutes, args.clients, args.max_requests))
             wait_idle(url)
             time.sleep(1.0)
-            fds_end, rss_end = fds(proc.pid), rss_mib(proc.pid)
+            fds_end, rss_end, kinds_end = fds(proc.pid), rss_mib(proc.pid), fd_kinds(proc.pid)
             pictures_end, files_end = files_under(folder)
             health = httpx.get(url + "/health", timeout=30).json()
             load_end = os.getloadavg()
@@ -351,8 +365,10 @@ def main(argv: list[str] | None = None) -> dict:
         "other_failures": len(failures) - len(valid_failures), "by_kind": by_kind,
         "rss_mib": {"after_warm_up": rss_warm, "after_first_minute": rss_after_minute, "end": rss_end,
                     "growth_from_first_minute_pct": 100 * (rss_end / rss_after_minute - 1),
+                    "growth_from_warm_up_pct": 100 * (rss_end / rss_warm - 1),
                     "max": max(x["rss_mib"] for x in samples)},
-        "fds": {"start": fds_start, "end": fds_end, "max": max(x["fds"] for x in samples)},
+        "fds": {"start": fds_start, "end": fds_end, "max": max(x["fds"] for x in samples), "kinds_start": kinds_start,
+                "kinds_end": kinds_end},
         "pictures": {"max_during": max(x["pictures"] for x in samples), "left_at_end": pictures_end,
                      "files_at_end": files_end},
         "server_counts": {k: health.get(k) for k in ("served", "errors", "cancelled")},
@@ -368,9 +384,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"| {m['ttft_p50_s']:.3f} / {m['ttft_p95_s']:.3f} s |")
     r = report["rss_mib"]
     print(f"\nresident memory: {r['after_warm_up']:.1f} MiB after warm-up, {r['after_first_minute']:.1f} MiB after "
-          f"the first minute, {r['end']:.1f} MiB at the end ({r['growth_from_first_minute_pct']:+.1f} %), "
+          f"the first minute, {r['end']:.1f} MiB at the end ({r['growth_from_first_minute_pct']:+.1f} % from the first "
+          f"minute, {r['growth_from_warm_up_pct']:+.1f} % from the warm-up), "
           f"max {r['max']:.1f}")
-    print(f"open descriptors: {fds_start} before, {fds_end} after (max {report['fds']['max']} during)")
+    print(f"open descriptors: {fds_start} before, {fds_end} after (max {report['fds']['max']} during); by kind "
+          f"before {kinds_start}, after {kinds_end}")
     print(f"pictures in the server's folder: at most {report['pictures']['max_during']} at a sample, "
           f"{pictures_end} at the end ({files_end} files in all)")
     print(f"valid requests failed: {len(valid_failures)}; other failures: {report['other_failures']}; "
