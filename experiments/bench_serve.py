@@ -13,10 +13,12 @@ data_modules/synthetic.py, a different one for each request), so half the reques
 image-to-text features. Only loopback URLs are accepted. Exits 1 on any error.
 
 --compare runs the same load against a server with stage.max_batch=1 (one answer at a time: the
-reference) and one with the default batch (stage.max_batch=16), one server after the other: 16 clients
-at once, 64 new tokens each, half with a picture, streamed (requests per second, time to first token and
-whole answer, p50/p95), then the time to first token at 1 and 4 clients and the latency of one client
-alone; it prints both rows and their ratios, and the machine's load average before and after.
+reference) and one with the default batch (stage.max_batch=16), both started first: 16 clients at once,
+64 new tokens each, half with a picture, streamed (requests per second, also per second of the server's
+CPU time, which the rest of a shared machine disturbs less; time to first token and whole answer,
+p50/p95), then 4 clients, each load in two halves sent to the servers in the order A B, B A; then one
+client alone, its requests to the two servers in turns. It prints both rows and their ratios, and the
+machine's load average before and after.
 """
 
 from __future__ import annotations
@@ -150,6 +152,12 @@ def summarise(results: list[dict], wall: float) -> dict:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -161,14 +169,15 @@ def measure(url: str, n: int, concurrency: int, max_tokens: int, seed: int) -> d
 
 
 async def alternate(urls: list[str], n: int, max_tokens: int) -> list[list[dict]]:
-    """One client alone: n requests to each server, taking turns (A, B, A, B, ...), so that both see the
-    same load from the rest of the machine."""
+    """One client alone: n requests to each server, taking turns (A B, A B, B A, B A, ...), so that both see
+    the same load from the rest of the machine."""
     pics = pictures(n, seed=7)
     out: list[list[dict]] = [[] for _ in urls]
     clients = [httpx.AsyncClient(timeout=600) for _ in urls]
     try:
         for i in range(n):
-            for k, url in enumerate(urls):
+            order = list(enumerate(urls))
+            for k, url in order if (i // 2) % 2 == 0 else order[::-1]:  # each order with and without a picture
                 out[k].append(await one(clients[k], url, i, max_tokens, pics[i] if i % 2 == 0 else None))
     finally:
         for c in clients:
@@ -191,10 +200,21 @@ def compare(args, overrides: list[str]) -> dict:
                 procs.append(proc)
                 urls.append(url)
                 measure(url, 8, 4, 8, seed=99)  # warm-up: first calls of every code path
-            rows = {name: {"load": measure(url, args.n, 16, 64, seed=1)} for name, url in zip(names, urls)}
-            for name, url in zip(names, urls):
-                rows[name]["c4"] = measure(url, 16, 4, 64, seed=4)
-            for name, results in zip(names, asyncio.run(alternate(urls, 16, 64))):
+            rows = {name: {} for name in names}
+            for key, n, concurrency in (("load", args.n, 16), ("c4", 16, 4)):
+                runs: dict[str, list] = {name: [] for name in names}
+                for order in ((0, 1), (1, 0)):  # each server first once: both share the machine's changes
+                    for k in order:
+                        cpu = cpu_seconds(procs[k].pid)
+                        t0 = time.perf_counter()
+                        results = asyncio.run(run(urls[k], n // 2, concurrency, 64, seed=len(runs[names[k]])))
+                        runs[names[k]].append((results, time.perf_counter() - t0, cpu_seconds(procs[k].pid) - cpu))
+                for name in names:
+                    results = [r for rs, _, _ in runs[name] for r in rs]
+                    rows[name][key] = summarise(results, sum(w for _, w, _ in runs[name]))
+                    rows[name][key]["server_cpu_s"] = sum(c for _, _, c in runs[name])
+                    rows[name][key]["requests_per_cpu_s"] = rows[name][key]["served"] / rows[name][key]["server_cpu_s"]
+            for name, results in zip(names, asyncio.run(alternate(urls, 32, 64))):
                 rows[name]["c1"] = summarise(results, sum(r["total"] for r in results))
         finally:
             for proc in procs:
@@ -204,26 +224,29 @@ def compare(args, overrides: list[str]) -> dict:
         print(f"{name}: {json.dumps(rows[name])}", flush=True)
     load_after = load_average()
     ref, new = rows["max_batch=1"], rows["default (max_batch=16)"]
-    header = ("| server | requests/s (16 clients) | TTFT p50 / p95 (16) | total p50 / p95 (16) | TTFT p50 (4) "
-              "| TTFT p50 (1) | latency p50 (1 client) | errors |")
-    lines = [header, "|" + "---|" * 8]
+    header = ("| server | requests/s (16 clients) | per server CPU s | TTFT p50 / p95 (16) | total p50 / p95 (16) "
+              "| TTFT p50 (4) | TTFT p50 (1) | latency p50 (1 client) | errors |")
+    lines = [header, "|" + "---|" * 9]
     for name, r in rows.items():
         load = r["load"]
         errors = sum(r[k]["errors"] for k in ("load", "c1", "c4"))
         lines.append(
-            f"| {name} | {load['requests_per_s']:.2f} | {load['ttft_p50_s']:.3f} / {load['ttft_p95_s']:.3f} s "
+            f"| {name} | {load['requests_per_s']:.2f} | {load['requests_per_cpu_s']:.2f} "
+            f"| {load['ttft_p50_s']:.3f} / {load['ttft_p95_s']:.3f} s "
             f"| {load['total_p50_s']:.3f} / {load['total_p95_s']:.3f} s | {r['c4']['ttft_p50_s']:.3f} s "
             f"| {r['c1']['ttft_p50_s']:.3f} s | {r['c1']['total_p50_s']:.3f} s | {errors} |"
         )
     ratio = {
         "requests_per_s": new["load"]["requests_per_s"] / ref["load"]["requests_per_s"],
+        "requests_per_cpu_s": new["load"]["requests_per_cpu_s"] / ref["load"]["requests_per_cpu_s"],
         "ttft_p95_16": new["load"]["ttft_p95_s"] / ref["load"]["ttft_p95_s"],
         "ttft_p50_4": new["c4"]["ttft_p50_s"] / ref["c4"]["ttft_p50_s"],
         "ttft_p50_1": new["c1"]["ttft_p50_s"] / ref["c1"]["ttft_p50_s"],
         "latency_1": new["c1"]["total_p50_s"] / ref["c1"]["total_p50_s"],
     }
     lines.append(
-        f"| ratio default / max_batch=1 | **{ratio['requests_per_s']:.2f}x** | p95 {ratio['ttft_p95_16']:.2f}x | "
+        f"| ratio default / max_batch=1 | **{ratio['requests_per_s']:.2f}x** | {ratio['requests_per_cpu_s']:.2f}x "
+        f"| p95 {ratio['ttft_p95_16']:.2f}x | "
         f"| {ratio['ttft_p50_4']:.2f}x | {ratio['ttft_p50_1']:.2f}x | {ratio['latency_1']:.2f}x | |"
     )
     print("\n".join(lines))
