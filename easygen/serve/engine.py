@@ -117,6 +117,7 @@ class Job:
         self.request, self.sink = request, sink
         self.cancelled = threading.Event()
         self.finished = threading.Event()
+        self.ended = False  # its last event is on its way (Engine._end)
         self.arrived = time.perf_counter()
         self.first_text: float | None = None  # when its first text was streamed
 
@@ -291,10 +292,11 @@ class Engine:
 
     def _end(self, job: Job, kind: str, value) -> None:
         """The job's last event (once), counted."""
-        if job.finished.is_set():
-            return
         outcome = {"done": "served", "error": "errors", "cancelled": "cancelled"}[kind]
         with self._cond:
+            if job.ended:
+                return
+            job.ended = True
             self.stats[outcome] += 1
             self.pending -= 1
         if self.metrics is not None:
@@ -302,8 +304,10 @@ class Engine:
             self.metrics.outcomes.labels(what, {"errors": "error"}.get(outcome, outcome)).inc()
             if kind == "done":
                 self.metrics.latency.labels(what).observe(time.perf_counter() - job.arrived)
-        job.finished.set()
-        job.sink((kind, value))
+        try:
+            job.sink((kind, value))
+        finally:
+            job.finished.set()
 
     # ------------------------------------------------------------------ the scheduler
 
