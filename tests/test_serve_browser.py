@@ -247,6 +247,7 @@ def test_web_demo_asks_for_the_key_once_and_says_busy(guarded, browser, tmp_path
     d.execute_script(WATCH)
     _send(d, "hello")
     _wait(d, lambda d: _norm(d.execute_script("return window.__last()")), what="an answer")
+    _wait(d, lambda d: srv.health()["pending"] == 0, what="the answer's end")  # the demo's event is over
 
     # the line full (a drawing holds the engine, a chat waits): the demo says the server is busy
     from concurrent.futures import ThreadPoolExecutor
@@ -255,7 +256,7 @@ def test_web_demo_asks_for_the_key_once_and_says_busy(guarded, browser, tmp_path
     pool = ThreadPoolExecutor(2)
     drawing = pool.submit(httpx.post, srv.url + "/v1/images/generations", headers=auth, timeout=300,
                           json={"prompt": "a red circle", "n": 3})
-    _wait(d, lambda d: srv.health()["pending"] >= 1, what="the drawing")
+    _wait(d, lambda d: (h := srv.health())["pending"] == 1 and h["waiting"] == 0, what="the drawing")
     waiting = pool.submit(httpx.post, srv.url + "/v1/chat/completions", headers=auth, timeout=300,
                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     _wait(d, lambda d: srv.health()["waiting"] >= 1, what="a waiting chat")

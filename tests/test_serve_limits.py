@@ -199,8 +199,8 @@ def test_busy_server_answers_503_with_retry_after(tmp_path):
         pool = ThreadPoolExecutor(2)
         drawing = pool.submit(client.images.generate, model=MODEL, prompt="a red circle", n=3)
         deadline = time.time() + 60
-        while srv.health()["pending"] < 1 and time.time() < deadline:
-            time.sleep(0.02)
+        while not ((h := srv.health())["pending"] == 1 and h["waiting"] == 0) and time.time() < deadline:
+            time.sleep(0.02)  # the drawing taken up by the engine
         waiting = pool.submit(client.chat.completions.create, model=MODEL, max_tokens=4,
                               messages=[{"role": "user", "content": "hello"}])
         while srv.health()["waiting"] < 1 and time.time() < deadline:
