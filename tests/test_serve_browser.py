@@ -1,7 +1,8 @@
 """The web demo of `python -m easygen.serve`, driven by headless Chromium through selenium (Debian's
 `chromium` and `chromium-driver`): attach a picture and ask about it (the answer streams in), ask for a
 picture (BiDiffuser's drawing appears in the conversation), draw with the Draw button, and attach a file
-that is not a picture (an error, and the page goes on). The tiny LLM is trained first (tests/test_serve_api.py)
+that is not a picture (an error, and the page goes on); with an API key, the login asked once per browser
+session, and the busy message when the engine's line is full. The tiny LLM is trained first (tests/test_serve_api.py)
 so that its answers are the learned words; the drawn pictures are compared pixel for pixel with
 BiDiffuser's text-to-image in this process.
 
@@ -201,3 +202,70 @@ def test_web_demo(served, browser, tmp_path):
     # Clear forgets the conversation: the chat is empty again
     d.find_element(By.CSS_SELECTOR, "#easygen-clear").click()
     _wait(d, lambda d: not d.find_elements(By.CSS_SELECTOR, "#easygen-chat [data-testid=bot]"), what="the cleared chat")
+
+
+KEY = "web-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, one_thread):
+    """Random weights, an API key, one answer at a time and one waiting, and slow drawings (so that a
+    drawing holds the engine while the line fills)."""
+    tmp = tmp_path_factory.mktemp("serve-web-key")
+    (tmp / "cwd").mkdir()
+    srv = Server(server_args(tmp, [f"stage.api_key={KEY}", "stage.max_batch=1", "stage.max_queue=1",
+                                   "model.bidiffuser.sampler.steps=400"]), cwd=tmp / "cwd", env=server_env(tmp))
+    yield srv
+    assert srv.stop() == 0, srv.output[-5000:]
+
+
+def _login(d, key: str) -> None:
+    password = _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=password]"), what="the login form")
+    (user,) = [i for i in d.find_elements(By.CSS_SELECTOR, "input") if i.get_attribute("type") == "text"]
+    user.clear()
+    user.send_keys("me")
+    password[0].clear()
+    password[0].send_keys(key)
+    (button,) = [b for b in d.find_elements(By.CSS_SELECTOR, "button") if b.text.strip().lower() == "login"]
+    button.click()
+
+
+def test_web_demo_asks_for_the_key_once_and_says_busy(guarded, browser, tmp_path):
+    srv, d = guarded, browser
+    d.get(srv.url + "/")
+    assert "API key" in _wait(d, lambda d: d.find_element(By.TAG_NAME, "body").text, what="the login page")
+    _login(d, "not-the-key")
+    _wait(d, lambda d: "incorrect" in d.find_element(By.TAG_NAME, "body").text.lower(), what="the refusal")
+    assert not d.find_elements(By.CSS_SELECTOR, "#easygen-message")
+    _login(d, KEY)
+    _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#easygen-message textarea"), what="the demo")
+    _shot(d, tmp_path, "web_after_login", readme=False)
+    # a new page in the same browser session: no second question
+    d.get(srv.url + "/")
+    _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#easygen-message textarea"), what="the demo again")
+    assert not d.find_elements(By.CSS_SELECTOR, "input[type=password]")
+    d.execute_script(WATCH)
+    _send(d, "hello")
+    _wait(d, lambda d: _norm(d.execute_script("return window.__last()")), what="an answer")
+    _wait(d, lambda d: srv.health()["pending"] == 0, what="the answer's end")  # the demo's event is over
+
+    # the line full (a drawing holds the engine, a chat waits): the demo says the server is busy
+    from concurrent.futures import ThreadPoolExecutor
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    pool = ThreadPoolExecutor(2)
+    drawing = pool.submit(httpx.post, srv.url + "/v1/images/generations", headers=auth, timeout=300,
+                          json={"prompt": "a red circle", "n": 3})
+    _wait(d, lambda d: (h := srv.health())["pending"] == 1 and h["waiting"] == 0, what="the drawing")
+    waiting = pool.submit(httpx.post, srv.url + "/v1/chat/completions", headers=auth, timeout=300,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    _wait(d, lambda d: srv.health()["waiting"] >= 1, what="a waiting chat")
+    _send(d, "are you there?")
+    toast = _wait(d, lambda d: [t for t in d.find_elements(By.CSS_SELECTOR, ".toast-wrap, .toast-body")
+                                if t.is_displayed() and "busy" in t.text.lower()], what="the busy message")
+    assert "stage.max_queue=1" in toast[0].text, toast[0].text
+    _shot(d, tmp_path, "web_busy", readme=False)
+    assert not drawing.done(), "the drawing ended before the check: raise its sampler steps"
+    assert drawing.result().status_code == 200 and waiting.result().status_code == 200
+    # the question stays in the box to send again
+    assert d.find_element(By.CSS_SELECTOR, "#easygen-message textarea").get_attribute("value") == "are you there?"

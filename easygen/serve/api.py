@@ -5,6 +5,10 @@
                                     stage.allowed_image_dir); `stream: true` as server-sent events
     POST /v1/images/generations     BiDiffuser text-to-image, pictures as `b64_json` PNGs
     GET  /health                    queue length and counts of served, failed and cancelled requests
+    GET  /metrics                   Prometheus metrics (easygen/serve/metrics.py)
+
+With a key (stage.api_key or EASYGEN_API_KEY) every /v1 route and /metrics want `Authorization: Bearer
+KEY` (compared in constant time) and answer 401 otherwise.
 
 Pictures the model draws in a conversation (its `<Img>description</Img>` answers, paper section 3) come
 back in an extra field beside the text: `choices[0].message.images` (streamed: a `delta.images` chunk
@@ -15,7 +19,8 @@ conversation template has its own). One picture per conversation, as in the term
 with a new picture starts the conversation the model sees (earlier messages are left out).
 
 Errors are OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, with the HTTP status
-(400 bad request, 404 unknown model or route, 413 body too large, 503 queue full, 500 server error).
+(400 bad request, 401 no or wrong key, 404 unknown model or route, 413 body too large, 503 queue full
+with `Retry-After`, 500 server error). Pictures are sent inline and their files removed once sent.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
 import time
 import uuid
@@ -42,9 +48,12 @@ from easygen.serve.engine import (
     check_text,
     decode_picture,
 )
+from easygen.serve.metrics import CONTENT_TYPE, ServeMetrics
 from easygen.serve.settings import ServeSettings
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+RETRY_AFTER_S = 1  # what a 503 asks a client to wait
+ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/images/generations", "/metrics", "/health")
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
                413: "invalid_request_error", 503: "server_error", 500: "server_error"}
 UNSUPPORTED = ("stop", "tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs",
                "logit_bias", "audio", "prediction")
@@ -61,7 +70,9 @@ def _error_from(exc: BaseException) -> JSONResponse:
     if isinstance(exc, InputError):
         return error_response(exc.status, exc.message, exc.param, exc.code)
     if isinstance(exc, QueueFull):
-        return error_response(503, str(exc), code="server_busy")
+        response = error_response(503, str(exc), code="server_busy")
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
     return error_response(500, f"the model failed on this request: {type(exc).__name__}: {exc}")
 
 
@@ -351,10 +362,62 @@ class _Stream:
                     raise ClientGone from None
 
 
-def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
+def route_of(path: str) -> str:
+    """A request's route for the metrics' labels (a bounded set)."""
+    for route in ROUTES:
+        if path == route or path.startswith(route + "/"):
+            return route
+    return "/v1/other" if path.startswith("/v1/") else "web"
+
+
+def key_matches(header: str | None, key: str) -> bool:
+    """`Authorization: Bearer KEY`, the key compared in constant time."""
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+
+
+class Guard:
+    """ASGI middleware: the key on /v1 and /metrics (401 in OpenAI's error JSON) and the request counts by
+    route and status (easygen_requests_total)."""
+
+    def __init__(self, app, settings: ServeSettings, metrics: ServeMetrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = route_of(path)
+        status = {"code": 500}
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            protected = route.startswith("/v1") or route == "/metrics"
+            if protected and self.settings.api_key is not None:
+                headers = dict(scope.get("headers") or [])
+                given = headers.get(b"authorization", b"").decode("latin-1")
+                if not key_matches(given, self.settings.api_key):
+                    response = error_response(
+                        401, "a valid API key is needed: send `Authorization: Bearer KEY` (the server's "
+                        "stage.api_key / EASYGEN_API_KEY)", code="invalid_api_key")
+                    response.headers["WWW-Authenticate"] = "Bearer"
+                    return await response(scope, receive, counted_send)
+            await self.app(scope, receive, counted_send)
+        finally:
+            if route != "web":
+                self.metrics.requests.labels(route, str(status["code"])).inc()
+
+
+def create_app(engine: Engine, settings: ServeSettings, metrics: ServeMetrics | None = None) -> FastAPI:
     # no Swagger page: it loads its scripts from a CDN; the schema is at /v1/openapi.json
     app = FastAPI(title="EasyGen", docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json")
-    app.state.engine, app.state.settings = engine, settings
+    metrics = metrics if metrics is not None else engine.metrics or ServeMetrics()
+    app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
     started = int(time.time())
 
     @app.exception_handler(StarletteHTTPException)
@@ -383,7 +446,12 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.model_id, "pending": engine.pending, **engine.stats}
+        return {"status": "ok", "model": settings.model_id, "pending": engine.pending, "waiting": engine.waiting,
+                "decoding": len(engine.decoder), **engine.stats}
+
+    @app.get("/metrics")
+    async def metrics_page():
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -427,6 +495,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         message = {"role": "assistant", "content": result.answer, "refusal": None}
         if result.pictures:
             message["images"] = [_picture_json(p, settings.image_size) for p in result.pictures]
+            for p in result.pictures:
+                p.discard()
         return {
             "id": cid,
             "object": "chat.completion",
@@ -455,12 +525,13 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         if event[0] != "done":
             return _error_from(event[1]) if event[0] == "error" else error_response(500, "cancelled")
         side = settings.image_size
+        data = [{"b64_json": base64.b64encode(p.png()).decode("ascii"), "revised_prompt": None, "seed": p.seed}
+                for p in event[1].pictures]
+        for p in event[1].pictures:
+            p.discard()
         return {
             "created": int(time.time()),
-            "data": [
-                {"b64_json": base64.b64encode(p.png()).decode("ascii"), "revised_prompt": None, "seed": p.seed}
-                for p in event[1].pictures
-            ],
+            "data": data,
             "output_format": "png",
             "size": f"{side}x{side}",
         }
@@ -514,7 +585,10 @@ async def _sse(first, events: _Stream, job, cid: str, created: int, settings: Se
             if kind == "text":
                 yield chunk({"content": value})
             elif kind == "pictures":
-                yield chunk({"images": [_picture_json(p, settings.image_size) for p in value]})
+                images = [_picture_json(p, settings.image_size) for p in value]
+                for p in value:
+                    p.discard()
+                yield chunk({"images": images})
             elif kind == "error":
                 yield _error_event(value)
                 break

@@ -1,7 +1,9 @@
-"""The server's settings, read from the composed config's `stage` node (conf/stage/serve.yaml)."""
+"""The server's settings, read from the composed config's `stage` node (conf/stage/serve.yaml); the API key
+is stage.api_key, else the EASYGEN_API_KEY environment variable."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,9 @@ class ServeSettings:
     image_seed: int = 1234
     max_images: int = 4  # n of /v1/images/generations
     max_prompt_chars: int = 4000  # a drawing's description
-    max_queue: int = 32
+    max_queue: int = 32  # requests waiting for the model beyond this are refused (503)
+    max_batch: int = 16  # answers decoded together
+    api_key: str | None = None  # Bearer key of /v1 and /metrics (and the web demo's password); None: open
     image_size: int = 64
     max_length: int = 96  # model.max_length: the prompt's limit in tokens
     untrained: bool = False
@@ -31,6 +35,7 @@ class ServeSettings:
     def from_stage(cls, stage, *, model_name: str, image_size: int, max_length: int, image_seed: int,
                    untrained: bool) -> ServeSettings:
         allowed = stage.get("allowed_image_dir")
+        key = stage.get("api_key") or os.environ.get("EASYGEN_API_KEY") or None
         return cls(
             model_id=str(stage.get("model_id") or f"easygen-{model_name}"),
             host=str(stage.host),
@@ -47,6 +52,8 @@ class ServeSettings:
             max_images=int(stage.max_images),
             max_prompt_chars=int(stage.max_prompt_chars),
             max_queue=int(stage.max_queue),
+            max_batch=int(stage.get("max_batch", 16)),
+            api_key=str(key) if key else None,
             image_size=int(image_size),
             max_length=int(max_length),
             untrained=bool(untrained),

@@ -6,12 +6,15 @@ When the model answers with `<Img>description</Img>` (EasyGen's text-to-image pa
 picture BiDiffuser draws appears in the conversation; the Draw button draws the typed description
 directly. Examples come with pictures drawn like the synthetic set's (data_modules/synthetic.py).
 
-Gradio's queue keeps web users in line (one model event at a time); the engine's single worker keeps
-the web and the API in line together.
+Web users' answers join the engine's running batch as the API's do (stage.max_batch events at a time);
+when the engine's line is full (stage.max_queue) the demo says the server is busy. With an API key
+(stage.api_key / EASYGEN_API_KEY) the demo asks for it once per browser session (Gradio's login page: the
+key is the password; a session cookie keeps it).
 """
 
 from __future__ import annotations
 
+import hmac
 import html
 import queue
 import random
@@ -273,7 +276,7 @@ def build_demo(engine: Engine, settings: ServeSettings, tmp_dir: Path) -> gr.Blo
         gr.Examples(examples=[[{"text": e["text"], "files": e["files"]}] for e in examples], inputs=[box],
                     label="Examples", cache_examples=False)
 
-        common = dict(concurrency_limit=1, concurrency_id="model")
+        common = dict(concurrency_limit=settings.max_batch, concurrency_id="model")
         outs = [chatbot, box, state, picture]
         box.submit(respond, [box, state, temperature, max_new, seed], outs, **common)
         draw_btn.click(draw_picture, [box, state, seed], outs, **common)
@@ -285,10 +288,17 @@ def build_demo(engine: Engine, settings: ServeSettings, tmp_dir: Path) -> gr.Blo
 
 def mount_web(app: FastAPI, engine: Engine, settings: ServeSettings, tmp_dir: Path) -> FastAPI:
     demo = build_demo(engine, settings, tmp_dir)
-    demo.queue(max_size=settings.max_queue, default_concurrency_limit=1)
+    demo.queue(max_size=settings.max_queue + settings.max_batch, default_concurrency_limit=settings.max_batch)
     # system fonts only: nothing is fetched from the network
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
+    key = settings.api_key
+    auth = {}
+    if key is not None:
+        auth = dict(
+            auth=lambda _user, password: hmac.compare_digest(str(password).encode(), key.encode()),
+            auth_message="This server wants its API key: type it as the password (any user name).",
+        )
     return gr.mount_gradio_app(
         app,
         demo,
@@ -300,4 +310,5 @@ def mount_web(app: FastAPI, engine: Engine, settings: ServeSettings, tmp_dir: Pa
         theme=theme,
         css=CSS,
         footer_links=[],
+        **auth,
     )

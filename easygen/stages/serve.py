@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -26,7 +27,7 @@ def _check(cfg) -> None:
     if not isinstance(port, int) or not 0 <= port <= 65535:
         problems.append(f"stage.port={port} must be a port number in [0, 65535] (0: a free port)")
     for key in ("max_image_pixels", "max_request_mb", "max_new_tokens", "max_new_tokens_limit", "max_images",
-                "max_prompt_chars", "max_queue"):
+                "max_prompt_chars", "max_queue", "max_batch", "keep_pictures"):
         value = s.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             problems.append(f"stage.{key}={value} must be a positive number")
@@ -37,6 +38,12 @@ def _check(cfg) -> None:
     allowed = s.get("allowed_image_dir")
     if allowed and not Path(str(allowed)).expanduser().is_dir():
         problems.append(f"stage.allowed_image_dir={allowed} is not a folder: set it to an existing folder (or null)")
+    cache = s.get("feature_cache", 0)
+    if isinstance(cache, bool) or not isinstance(cache, int) or cache < 0:
+        problems.append(f"stage.feature_cache={cache} must be a whole number >= 0")
+    key = s.get("api_key")
+    if key is not None and (not isinstance(key, str) or not key.strip()):
+        problems.append(f"stage.api_key={key!r} must be a non-empty string (or null)")
     tmp = s.get("tmp_dir")
     if tmp and not Path(str(tmp)).is_dir():
         problems.append(f"stage.tmp_dir={tmp} is not a folder: set it to an existing folder (or null)")
@@ -59,6 +66,18 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost; anything else (0.0.0.0, a LAN address) can be reached from outside."""
+    import ipaddress
+
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _server(app, log_level: str):
@@ -106,6 +125,7 @@ def serve_stage(cfg) -> dict:
         except ImportError as e:
             raise ConfigError(f"stage=serve needs the serve extra: pip install -e \".[serve]\" ({e})") from None
         from easygen.serve.engine import Engine
+        from easygen.serve.metrics import ServeMetrics
         from easygen.serve.settings import ServeSettings
         from easygen.stages.chat import build_session
 
@@ -119,12 +139,18 @@ def serve_stage(cfg) -> dict:
             untrained=not cfg.get("init_from"),
         )
         settings.port = sock.getsockname()[1]
-        engine = Engine(session, tmp, max_queue=settings.max_queue, image_seed=settings.image_seed)
-        app = create_app(engine, settings)
+        metrics = ServeMetrics()
+        engine = Engine(session, tmp, max_queue=settings.max_queue, max_batch=settings.max_batch,
+                        image_seed=settings.image_seed, feature_cache=int(s.get("feature_cache", 32)),
+                        keep_pictures=int(s.get("keep_pictures", 256)), metrics=metrics)
+        app = create_app(engine, settings, metrics)
         if settings.web:
             from easygen.serve.web import mount_web
 
             app = mount_web(app, engine, settings, tmp)
+        if settings.api_key is None and not is_loopback(settings.host):
+            print(f"WARNING: listening on {settings.host} without an API key: anyone who can reach it may use "
+                  "the model; set stage.api_key=... or EASYGEN_API_KEY", file=sys.stderr, flush=True)
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         url = f"http://{host}:{settings.port}"
         print(
