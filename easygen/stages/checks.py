@@ -30,7 +30,8 @@ def stage_needs(cfg) -> list[str]:
     """Config subtrees whose required (???) keys this stage reads."""
     kind = cfg.stage.kind
     if kind == "chat":
-        return ["model"]  # chat reads no dataset
+        # chat reads no dataset; about given features (stage.features) it builds no BiDiffuser
+        return ["model.llm", "model.projector"] if cfg.stage.get("features") else ["model"]
     if kind == "all":
         return ["model", "data"]
     if kind == "extract":
