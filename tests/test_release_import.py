@@ -331,3 +331,16 @@ def test_chat_from_features_is_the_papers_greedy_answer(release, tmp_path):
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and errors and "stage.features" in errors[0] and "[77, 768]" in errors[0], proc.stderr[-2000:]
+
+
+def test_config_check_names_the_import_command(release):
+    """`model.llm.path=` or `init_from=` the paper's folder: the config check (run before any model is
+    built) names the import command."""
+    from easygen.stages.checks import validate
+    from tests.conftest import compose_resolved
+
+    paths, _ = release
+    for override in (f"model.llm.path={paths['llm']}", f"init_from={paths['llm']}"):
+        cfg = compose_resolved(["model=vicuna7b", "stage=chat", override])
+        with pytest.raises(ConfigError, match=r"python -m easygen\.stages\.import_release --llm"):
+            validate(cfg)

@@ -20,7 +20,8 @@ with the adapter merged plus the projector's tensors, which ``python -m easygen.
 writes as an export folder (``easygen.export``) whose config names the paper's prompt (template
 ``easygen``, easygen/llm/templates.py).
 
-The import streams: tensors are read one at a time (safetensors ``safe_open``, ``torch.load(mmap=True)``),
+The import streams: tensors are read one at a time (a plain read per safetensors tensor, ``torch.load(mmap=True)``
+for ``.bin`` files),
 the adapter is merged into each targeted weight as it passes (W + B A * alpha / r, as peft's
 ``merge_and_unload``, rounded once to the stored dtype), and written into safetensors shards whose headers are planned from the input's
 shapes first. The model is never held whole, let alone twice.
@@ -39,7 +40,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from easygen.errors import ConfigError
 
@@ -98,12 +98,14 @@ class WeightsFile:
             except ValueError:
                 raise ConfigError(f"damaged weights file {self.path}: its safetensors header is not JSON") from None
         end = 0
+        self.data_start, self.offsets = 8 + n, {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             if info["dtype"] not in DTYPE_OF:
                 raise ConfigError(f"{self.path}: tensor {name} has dtype {info['dtype']}, not supported")
             self.meta[name] = (DTYPE_OF[info["dtype"]], tuple(info["shape"]))
+            self.offsets[name] = (int(info["data_offsets"][0]), int(info["data_offsets"][1]))
             end = max(end, int(info["data_offsets"][1]))
         if 8 + n + end > size:
             raise ConfigError(
@@ -122,9 +124,18 @@ class WeightsFile:
     def tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """The named tensors in the given order, one at a time."""
         if self.is_safetensors:
-            with safe_open(str(self.path), framework="pt") as f:
+            # plain reads into a buffer per tensor (no mmap: pages of a mapped file count as resident
+            # memory until it is closed, a whole shard's worth)
+            with open(self.path, "rb") as f:
                 for name in names:
-                    yield name, f.get_tensor(name)
+                    begin, end = self.offsets[name]
+                    dtype, shape = self.meta[name]
+                    buf = bytearray(end - begin)
+                    f.seek(self.data_start + begin)
+                    if f.readinto(buf) != len(buf):
+                        raise ConfigError(f"truncated weights file {self.path}: tensor {name} is cut short")
+                    flat = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+                    yield name, flat.view(dtype).reshape(shape)
         else:
             sd = self._bin()
             for name in names:
