@@ -15,7 +15,9 @@ Layout of an export folder::
 tokenizer, using transformers' ``from_pretrained`` and nothing of this project's training side. Building
 the models from a training checkpoint's config is the config layer's job (``easygen.stages.export``, also
 the command-line front end:
-``python -m easygen.stages.export CKPT OUT``).
+``python -m easygen.stages.export CKPT OUT``). ``python -m easygen.stages.import_release`` writes the same
+kind of folder from the paper's published weights (no ``bidiffuser/``: BiDiffuser's files are given as
+for ``model=vicuna7b``).
 """
 
 from __future__ import annotations

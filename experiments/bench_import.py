@@ -5,7 +5,8 @@
 Writes a Llama in the released EasyGen's published format (model_type diffllama, the projector as
 model.fastchat_proj.*, Llama's tokenizer.model, a LoRA adapter with the paper's config on q/v) straight to
 disk tensor by tensor, in safetensors (one file and two shards) and in .bin, then imports each in a fresh
-process and reports that process's peak resident memory (ru_maxrss) against the model's size on disk,
+process and reports that process's peak resident memory (VmHWM; ru_maxrss would count the forking
+parent's memory too) against the model's size on disk,
 its resident memory after the imports and before the work (the Python + torch baseline), and seconds per
 GB. The reference run in the same process: copying the same files (`shutil.copyfile`), the floor for any
 import that reads and writes every byte.
@@ -32,15 +33,20 @@ from easygen.llm.release import PROJECTOR_PREFIX, RELEASE_ARCHITECTURE, RELEASE_
 from easygen.llm.release_sample import ADAPTER, TOKENIZER_CONFIG, train_llama_spiece  # noqa: E402
 
 CHILD = """
-import resource, sys, time
+import sys, time
 from pathlib import Path
 import torch  # noqa: F401 - the baseline includes torch and transformers, as the command's process has them
 import transformers  # noqa: F401
 from easygen.stages.import_release import main
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def hwm():  # this process's peak resident memory in bytes (VmHWM: per address space, fresh after exec)
+    line = [x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM")][0]
+    return int(line.split()[1]) * 1024
+
+base = hwm()
 t0 = time.time()
 rc = main(sys.argv[1:])
-print("RESULT", rc, base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time() - t0)
+print("RESULT", rc, base, hwm(), time.time() - t0)
 """
 
 
@@ -115,7 +121,7 @@ def run_import(llm: Path, lora: Path, out: Path) -> tuple[int, int, int, float]:
     if not line:
         raise SystemExit(proc.stderr[-3000:])
     rc, base, peak, secs = line[0].split()[1:]
-    return int(rc), int(base) * 1024, int(peak) * 1024, float(secs)
+    return int(rc), int(base), int(peak), float(secs)
 
 
 def main() -> None:

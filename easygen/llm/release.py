@@ -290,7 +290,8 @@ class SafetensorsWriter:
         if (name, tensor.dtype, tuple(tensor.shape)) != want:
             raise RuntimeError(f"safetensors writer: got {name} {tensor.dtype} {tuple(tensor.shape)}, planned {want}")
         t = tensor.detach().contiguous().cpu()
-        self.file.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the tensor's own bytes, no copy
+            self.file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         self.position += 1
 
     def close(self) -> None:
