@@ -120,20 +120,26 @@ class ChatSession:
         image: str | Path | torch.Tensor | None = None,
         on_text: Callable[[str], None] | None = None,
         on_notice: Callable[[str], None] | None = None,
+        features: torch.Tensor | None = None,
     ) -> tuple[str, list[Path]]:
-        """Answer `text` (about `image`, a file or a [3, H, W] tensor, when given). `on_text` receives the
-        answer as it streams; `on_notice` a line when older turns were dropped to fit the context."""
+        """Answer `text` (about `image`, a file or a [3, H, W] tensor, when given; or about a picture's
+        BiDiffuser `features` [L, D], as stage=extract writes them). `on_text` receives the answer as it
+        streams; `on_notice` a line when older turns were dropped to fit the context."""
         if not text.strip():
             raise ValueError("empty message")
+        if image is not None and features is not None:
+            raise ValueError("give a picture or its features, not both")
         if image is not None:
+            if self.bidiffuser is None:
+                raise ValueError("no BiDiffuser in this chat (it answers about given features): no pictures")
             # decoded first: a bad file leaves the conversation as it was
             pixels = image if isinstance(image, torch.Tensor) else load_image_file(image, self.image_size)
+            with torch.no_grad():
+                features = self.bidiffuser.i2t_features(pixels[None].to(self.bidiffuser.device))[0]
+        if features is not None:
             if self.features is not None:
                 self.reset()  # one picture per conversation: a new picture starts a new one
-            with torch.no_grad():
-                self.features = (
-                    self.bidiffuser.i2t_features(pixels[None].to(self.bidiffuser.device))[0].float().cpu()
-                )
+            self.features = features.float().cpu()
             text = f"{IMAGE_MARKER} {text}"
         self.turns.append({"from": "human", "value": text})
         try:
@@ -180,6 +186,8 @@ class ChatSession:
         """BiDiffuser text-to-image for each description (what `/draw PROMPT` asks for), saved in `out_dir`."""
         if not descriptions:
             return []
+        if self.bidiffuser is None:
+            raise ValueError("no BiDiffuser in this chat (it answers about given features): no drawing")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for img in self.bidiffuser.generate(descriptions):
@@ -228,9 +236,10 @@ class _Repl:
     """The terminal loop's state (the picture waiting for the next question, the transcript, the errors
     shown) and one method per command."""
 
-    def __init__(self, session: ChatSession, stdout) -> None:
+    def __init__(self, session: ChatSession, stdout, features: torch.Tensor | None = None) -> None:
         self.session, self.stdout = session, stdout
         self.pending_image, self.pending_path = None, None
+        self.pending_features = features  # given features: the first question is about them
         self.log: list[dict] = []
         self.errors: list[str] = []
 
@@ -276,6 +285,8 @@ class _Repl:
             pics = self.session.draw_prompts([arg])
         except KeyboardInterrupt:
             return self.say("\n(drawing interrupted)\n")
+        except ValueError as e:
+            return self.error(str(e))
         for p in pics:
             self.say(f"[picture saved to {p}]\n")
         self.log.append({"user": f"/draw {arg}", "draw": arg, "pictures": [str(p) for p in pics]})
@@ -284,7 +295,8 @@ class _Repl:
         stream = _AnswerPrinter(self.stdout)
         try:
             answer, pics = self.session.ask(line, image=self.pending_image, on_text=stream,
-                                            on_notice=lambda notice: self.say(notice + "\n"))
+                                            on_notice=lambda notice: self.say(notice + "\n"),
+                                            features=self.pending_features)
         except KeyboardInterrupt:
             return self.say("\n(answer interrupted)\n")
         except (FileNotFoundError, ValueError) as e:
@@ -293,18 +305,20 @@ class _Repl:
         entry = {"user": line, "assistant": answer, "pictures": [str(p) for p in pics]}
         if self.pending_path is not None:
             entry["image"] = self.pending_path
-        self.pending_image, self.pending_path = None, None
+        self.pending_image, self.pending_path, self.pending_features = None, None, None
         for p in pics:
             self.say(f"[picture saved to {p}]\n")
         self.log.append(entry)
 
 
 def repl(
-    session: ChatSession, stdin=sys.stdin, stdout=sys.stdout, transcript: Path | None = None
+    session: ChatSession, stdin=sys.stdin, stdout=sys.stdout, transcript: Path | None = None,
+    features: torch.Tensor | None = None,
 ) -> list[str]:
     """The terminal loop; the commands are `COMMANDS`. Returns the errors shown (a bad picture, a message
-    too long, an unknown command); the conversation goes on after each."""
-    state = _Repl(session, stdout)
+    too long, an unknown command); the conversation goes on after each. `features` (a picture's BiDiffuser
+    features) go with the first question."""
+    state = _Repl(session, stdout, features)
     state.say("EasyGen chat. /image PATH attaches a picture, /draw PROMPT draws one, /help lists the commands.\n")
     while True:
         try:  # Ctrl-C while the prompt is being written counts as at the prompt too

@@ -15,7 +15,9 @@ Layout of an export folder::
 tokenizer, using transformers' ``from_pretrained`` and nothing of this project's training side. Building
 the models from a training checkpoint's config is the config layer's job (``easygen.stages.export``, also
 the command-line front end:
-``python -m easygen.stages.export CKPT OUT``).
+``python -m easygen.stages.export CKPT OUT``). ``python -m easygen.stages.import_release`` writes the same
+kind of folder from the paper's published weights (no ``bidiffuser/``: BiDiffuser's files are given as
+for ``model=vicuna7b``).
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from easygen.bidiffuser import save_uvit
 from easygen.checkpoint import load_state_dict_file, save_state_dict_file
+from easygen.llm.loading import load_checked
 from easygen.llm.lora import merge_lora
 from easygen.llm.model import EasyGen
 from easygen.llm.projector import Projector
+from easygen.llm.tokenization import load_llama_sentencepiece
 
 EXPORT_CONFIG = "easygen.json"
 
@@ -83,6 +87,79 @@ def _write_configs(tmp: Path, name: str, model: dict, rest: dict) -> None:
     )
 
 
+def start_export(out: Path) -> Path:
+    """The temporary folder an export is written into (beside ``out``, renamed by ``finish_export``)."""
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def finish_export(tmp: Path, out: Path) -> Path:
+    """``tmp`` becomes ``out`` (an earlier export there is replaced)."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def point_llm_at(model: dict, llm_dir: Path, dtype: str = "float32", tokenizer: dict | None = None) -> dict:
+    """The model config with its LLM loaded from ``llm_dir`` (the factories conf/model/vicuna7b.yaml names;
+    the tiny presets' ones are replaced)."""
+    model = copy.deepcopy(model)
+    model["module"] = "easygen.lit.easygen_module.EasyGenModule"  # exports are decoder-only LLMs
+    llm_dir = str(llm_dir)
+    model.setdefault("llm", {}).update(
+        preset="pretrained", path=llm_dir, dtype=dtype, trust_remote_code=False,
+        tokenizer=tokenizer or {"_target_": "easygen.factories.pretrained_tokenizer", "path": llm_dir,
+                                "trust_remote_code": False},
+        net={"_target_": "easygen.factories.pretrained_llm", "path": llm_dir, "dtype": dtype,
+             "trust_remote_code": False},
+    )
+    return model
+
+
+def write_export_configs(
+    tmp: Path,
+    out: Path,
+    *,
+    model: dict,
+    projector: dict[str, torch.Tensor],
+    uvit_config: dict | None = None,
+    tokenizer: str = "auto",
+    source=None,
+    standardize_tokens: int = 0,
+) -> None:
+    """The projector files and the configs of an export: ``model`` is its complete model config,
+    ``projector`` the projector's state dict (``easygen.llm.projector.Projector`` keys)."""
+    proj = {k: v.detach().cpu().contiguous() for k, v in projector.items()}
+    save_state_dict_file(proj, tmp / "projector.safetensors")
+    save_state_dict_file({f"model.projector.{k}": v for k, v in proj.items()}, tmp / "trained.safetensors")
+    fc1, fc2 = proj["fc1.weight"], proj["fc2.weight"]
+    meta = {
+        "format": "easygen-export/1",
+        "source": source,
+        "projector": {
+            "in_dim": int(fc1.shape[1]),
+            "hidden_dim": int(fc1.shape[0]),
+            "out_dim": int(fc2.shape[0]),
+            "standardize_tokens": int(standardize_tokens),
+        },
+        # how `load_export` reads llm/'s tokenizer: transformers' AutoTokenizer, or (llama-sentencepiece)
+        # Llama's slow tokenizer as the released EasyGen was trained with (easygen/llm/tokenization.py)
+        "tokenizer": tokenizer,
+        # `easygen.bidiffuser.load_uvit("bidiffuser/uvit.pth", **uvit_config)` rebuilds the network
+        "uvit_config": uvit_config,
+        # what `stage=chat` / `stage=eval` need: the model config, the projector weights, no adapters
+        "config": {"model": model, "init_from": str(out / "trained.safetensors"), "lora": {"enabled": False}},
+    }
+    (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
+    _write_configs(tmp, out.name, model, {k: v for k, v in meta["config"].items() if k != "model"})
+
+
 def export_model(
     out: str | os.PathLike,
     *,
@@ -102,57 +179,26 @@ def export_model(
     ``bidiffuser.uvit``) is the network written in UniDiffuser's format, e.g. an EMA copy.
     """
     out = Path(out).resolve()
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    plain = _plain_llm(llm)
-    plain.save_pretrained(str(tmp / "llm"), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp / "llm"))
-    proj = {k: v.detach().cpu() for k, v in projector.state_dict().items()}
-    save_state_dict_file(proj, tmp / "projector.safetensors")
-    save_state_dict_file({f"model.projector.{k}": v for k, v in proj.items()}, tmp / "trained.safetensors")
-
-    model = copy.deepcopy(model_config)
-    model["module"] = "easygen.lit.easygen_module.EasyGenModule"  # exports are decoder-only LLMs
-    llm_dir = str(out / "llm")
-    model.setdefault("llm", {}).update(
-        preset="pretrained", path=llm_dir, dtype="float32", trust_remote_code=False,
-        # the factories conf/model/vicuna7b.yaml names, pointed at llm/ (the tiny presets' ones are replaced)
-        tokenizer={"_target_": "easygen.factories.pretrained_tokenizer", "path": llm_dir, "trust_remote_code": False},
-        net={"_target_": "easygen.factories.pretrained_llm", "path": llm_dir, "dtype": "float32",
-             "trust_remote_code": False},
-    )
-    if bidiffuser is not None:
-        _write_bidiffuser(tmp / "bidiffuser", bidiffuser, uvit)
-        model.setdefault("bidiffuser", {})["weights"] = str(out / "bidiffuser" / "bidiffuser.safetensors")
-
-    linears = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)]
-    written_uvit = uvit if uvit is not None else (bidiffuser.uvit if bidiffuser is not None else None)
-    meta = {
-        "format": "easygen-export/1",
-        "source": source,
-        "projector": {
-            "in_dim": linears[0].in_features,
-            "hidden_dim": linears[0].out_features,
-            "out_dim": linears[-1].out_features,
-            "standardize_tokens": int(getattr(projector, "standardize_tokens", 0)),
-        },
-        # `easygen.bidiffuser.load_uvit("bidiffuser/uvit.pth", **uvit_config)` rebuilds the network
-        "uvit_config": dataclasses.asdict(written_uvit.config) if written_uvit is not None else None,
-        # what `stage=chat` / `stage=eval` need: the model config, the projector weights, no adapters
-        "config": {"model": model, "init_from": str(out / "trained.safetensors"), "lora": {"enabled": False}},
-    }
-    (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
-    _write_configs(tmp, out.name, model, {k: v for k, v in meta["config"].items() if k != "model"})
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    tmp = start_export(out)
+    try:
+        plain = _plain_llm(llm)
+        plain.save_pretrained(str(tmp / "llm"), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "llm"))
+        model = point_llm_at(model_config, out / "llm")
+        if bidiffuser is not None:
+            _write_bidiffuser(tmp / "bidiffuser", bidiffuser, uvit)
+            model.setdefault("bidiffuser", {})["weights"] = str(out / "bidiffuser" / "bidiffuser.safetensors")
+        written_uvit = uvit if uvit is not None else (bidiffuser.uvit if bidiffuser is not None else None)
+        write_export_configs(
+            tmp, out, model=model, projector=projector.state_dict(), source=source,
+            uvit_config=dataclasses.asdict(written_uvit.config) if written_uvit is not None else None,
+            standardize_tokens=int(getattr(projector, "standardize_tokens", 0)),
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_export(tmp, out)
 
 
 def load_export(
@@ -164,8 +210,13 @@ def load_export(
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder} is not an EasyGen export: {EXPORT_CONFIG} is missing")
     meta = json.loads(meta_path.read_text())
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / "llm"), local_files_only=True)
-    llm = AutoModelForCausalLM.from_pretrained(str(folder / "llm"), local_files_only=True, dtype=dtype)
+    if meta.get("tokenizer") == "llama-sentencepiece":
+        tokenizer = load_llama_sentencepiece(folder / "llm")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "llm"), local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    llm = load_checked(folder / "llm", key=f"{folder}/llm", dtype=dtype)
     p = meta["projector"]
     projector = Projector(
         int(p["in_dim"]), int(p["hidden_dim"]), int(p["out_dim"]), int(p.get("standardize_tokens", 0))

@@ -20,10 +20,10 @@ from data_modules.synthetic import caption_corpus
 from easygen.bidiffuser import BiDiffuser
 from easygen.checkpoint import load_state_dict_file, record_load
 from easygen.errors import ConfigError
-from easygen.llm.loading import build_tiny_llm, llama_7b_config, load_llm
+from easygen.llm.loading import build_tiny_llm, llama_7b_config, load_checked, load_llm
 from easygen.llm.projector import Projector
 from easygen.llm.templates import CAPTION_PROMPTS, IMG_CLOSE, IMG_OPEN, VQA_SUFFIX
-from easygen.llm.tokenization import build_tokenizer
+from easygen.llm.tokenization import build_tokenizer, load_llama_sentencepiece
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # encoder-decoder presets: EasyGen's FlanT5 "Mid-Align" variant (paper §3.4)
@@ -68,6 +68,16 @@ def pretrained_tokenizer(path: str | None, trust_remote_code: bool = False):
     return tok
 
 
+def sentencepiece_tokenizer(path: str | None, model_max_length: int | None = None):
+    """Llama's slow sentencepiece tokenizer from a local folder's `tokenizer.model` (`model.llm.path`): the
+    ids the released EasyGen was trained with (easygen/llm/tokenization.py); pad = unk."""
+    path = require_path(path, "model.llm.path")
+    try:
+        return load_llama_sentencepiece(path, model_max_length=model_max_length)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.llm.path: {e}") from None
+
+
 # ----------------------------------------------------------------------------------------------------
 # LLMs (`model.llm.net`); each takes the tokenizer the module built first
 
@@ -101,8 +111,8 @@ def pretrained_t5(tokenizer, path: str | None, dtype: str | None = None, trust_r
     path = require_path(path, "model.llm.path")
     if not (Path(path) / "config.json").exists():
         raise ConfigError(f"model.llm.path={path} has no config.json: point it at a transformers FlanT5 folder")
-    return AutoModelForSeq2SeqLM.from_pretrained(path, dtype=DTYPES.get(str(dtype)), local_files_only=True,
-                                                 trust_remote_code=trust_remote_code)
+    return load_checked(path, auto_class=AutoModelForSeq2SeqLM, dtype=DTYPES.get(str(dtype)),
+                        trust_remote_code=trust_remote_code)
 
 
 def pretrained_llm(tokenizer, path: str | None, dtype: str | None = None, trust_remote_code: bool = False):

@@ -1,6 +1,10 @@
-"""Image decoding shared by the data pipeline, feature extraction and chat: encoded bytes -> a float
-[3, size, size] tensor in [0, 1], shorter side resized (bicubic) then centre-cropped, as the models'
-presets expect."""
+"""Image decoding shared by the data pipeline, feature extraction, chat and serving: encoded bytes -> a
+float [3, size, size] tensor in [0, 1], as UniDiffuser's ``center_crop`` prepares every picture for
+BiDiffuser (the paper's image-to-text feature and its COCO training set both use it): a square crop of
+the shorter side's length at the centre (integer offsets ``(h - s) // 2``, ``(w - s) // 2``), then a PIL
+Lanczos resize to ``size x size``, as uint8. The tensor holds those uint8 values / 255; the VAE sees them
+as ``2 x - 1`` (= pixels / 127.5 - 1) and CLIP resamples the same uint8 picture with PIL
+(easygen/bidiffuser/clip.py)."""
 
 from __future__ import annotations
 
@@ -12,21 +16,23 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 
+def center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """UniDiffuser's ``center_crop``: the centred square of the shorter side, Lanczos-resized to ``size``,
+    as a uint8 ``[size, size, 3]`` array."""
+    array = np.asarray(img.convert("RGB"))
+    h, w = array.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    square = Image.fromarray(array[top : top + s, left : left + s], "RGB")
+    return np.asarray(square.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
 def load_image(data: bytes, size: int) -> torch.Tensor:
-    """Decode an encoded image to float [3, size, size] in [0, 1]: shorter side to ``size``, center crop."""
+    """Decode an encoded image to float [3, size, size] in [0, 1]: ``center_crop`` (the whole picture is
+    decoded: a reduced-scale JPEG decode would change the pixels)."""
     with Image.open(io.BytesIO(data)) as img:
-        # JPEG can decode at 1/2, 1/4, 1/8 scale directly; draft keeps both sides >= size.
-        img.draft("RGB", (size, size))
-        img = img.convert("RGB")
-    width, height = img.size
-    if (width, height) != (size, size):
-        scale = size / min(width, height)
-        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    array = np.array(img, dtype=np.uint8)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div_(255.0)
+        array = center_crop(img, size)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().float().div_(255.0)
 
 
 class ImageFileError(ValueError):

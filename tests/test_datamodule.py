@@ -83,22 +83,23 @@ def _gradient(size=(48, 32)) -> Image.Image:
     return Image.fromarray((array * 255).astype(np.uint8))
 
 
-def test_load_image_resizes_and_center_crops():
-    # Against a direct PIL computation of the same shorter-side resize and center crop (PNG: exact).
+def test_load_image_is_unidiffusers_center_crop():
+    # Against a direct computation of UniDiffuser's center_crop (PNG: exact): the centred square of the
+    # shorter side, then a Lanczos resize, as uint8
     buffer = io.BytesIO()
     _gradient().save(buffer, format="PNG")
     image = load_image(buffer.getvalue(), 16)
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32
-    reference = _gradient().resize((24, 16), Image.Resampling.BICUBIC).crop((4, 0, 20, 16))
+    reference = _gradient().crop((8, 0, 40, 32)).resize((16, 16), Image.Resampling.LANCZOS)
     reference = np.asarray(reference, dtype=np.float32) / 255
     np.testing.assert_allclose(image.permute(1, 2, 0).numpy(), reference, atol=1e-6)
-    # JPEG decodes at a reduced DCT scale first (draft): close to the full decode + resize.
+    # JPEG: the whole picture is decoded (no reduced-scale draft), then the same crop and resize
     buffer = io.BytesIO()
     _gradient((96, 64)).save(buffer, format="JPEG", quality=95)
     image = load_image(buffer.getvalue(), 16)
-    full = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").resize((24, 16), Image.Resampling.BICUBIC)
-    full = np.asarray(full.crop((4, 0, 20, 16)), dtype=np.float32) / 255
-    assert np.abs(image.permute(1, 2, 0).numpy() - full).mean() < 0.02
+    full = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").crop((16, 0, 80, 64))
+    full = np.asarray(full.resize((16, 16), Image.Resampling.LANCZOS), dtype=np.float32) / 255
+    np.testing.assert_allclose(image.permute(1, 2, 0).numpy(), full, atol=1e-6)
     assert 0.0 <= image.min() and image.max() <= 1.0
 
 

@@ -1,9 +1,10 @@
 """The frozen CLIP encoders of BiDiffuser (SPEC §1).
 
 - ``ClipImageEncoder``: CLIP ViT-B/32's projected image embedding (``image_embeds``, 512-d) as the
-  one-token ``clip_img`` input of the U-ViT, ``[B, 1, 512]``. UniDiffuser feeds the OpenAI CLIP
-  preprocessing (bicubic resize of the short side to 224, center crop, CLIP mean/std); it is done here
-  in torch on ``[0, 1]`` tensors so it runs batched on the accelerator.
+  one-token ``clip_img`` input of the U-ViT, ``[B, 1, 512]``. UniDiffuser (and the paper's image-to-text
+  feature) feed the 512-pixel picture to OpenAI CLIP's own preprocessing as a PIL image: PIL bicubic
+  resize of the short side to 224, center crop, CLIP mean/std. It is done the same way here, with PIL on
+  the uint8 picture (easygen/images.py), so that the embedding is the paper's.
 - ``ClipTextEncoder``: CLIP ViT-L/14's text transformer, ``last_hidden_state`` of the prompt padded to
   77 tokens, ``[B, 77, 768]`` (UniDiffuser's ``FrozenCLIPEmbedder``: no attention mask, so the padded
   positions are encoded too; CLIP's causal mask keeps them from changing the earlier ones).
@@ -25,8 +26,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -108,21 +111,28 @@ class ClipImageEncoder(nn.Module):
         return cls(model)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """OpenAI CLIP's transform in torch: bicubic short-side resize, center crop, normalise."""
+        """OpenAI CLIP's transform of each picture as a PIL image: the ``[0, 1]`` values back to uint8, PIL
+        bicubic resize of the short side to ``image_size`` (the long side ``int(size * long / short)``),
+        center crop (offsets ``round((h - size) / 2)``), / 255, CLIP's mean/std."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(
                 f"ClipImageEncoder: expected images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}"
             )
         size = self.image_size
-        h, w = images.shape[-2:]
-        scale = size / min(h, w)
-        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-        x = images.float()
-        if (new_h, new_w) != (h, w):
-            # antialias matches PIL's bicubic when shrinking (the usual case: 512 -> 224)
-            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-        x = x[..., top : top + size, left : left + size]
+        pixels = (images.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        out = []
+        for array in pixels.numpy():
+            img = Image.fromarray(array, "RGB")
+            w, h = img.size
+            short, long = (w, h) if w <= h else (h, w)
+            if short != size:
+                new_long = int(size * long / short)
+                img = img.resize((size, new_long) if w <= h else (new_long, size), Image.Resampling.BICUBIC)
+            w, h = img.size
+            top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+            img = img.crop((left, top, left + size, top + size))
+            out.append(torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0)
+        x = torch.stack(out).to(images.device)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     @torch.no_grad()

@@ -21,6 +21,14 @@ boundary, ... all show up as a mismatch) and raises an error naming the sample o
 
 Text on either side of the image span is tokenised separately (as MiniGPT-4/EasyGen embed
 ``p_before`` and ``p_after`` separately), so the placeholders never interact with the text's merges.
+
+The ``easygen`` template is the paper's own sequence, token for token, as its training and caption/VQA
+evaluation embed it (the released model was trained on it): the tokens of ``"USER: <Img>"`` with BOS, the
+77 projected rows, the tokens of ``"</Img> "`` on their own without BOS, then the question text
+(``"Describe the image concisely. ASSISTANT:"``, or ``"<question> please giving an short answer.
+ASSISTANT:"``) on its own without BOS. With Llama's sentencepiece tokenizer the separate ``"</Img> "``
+ends in a lone ``"▁"`` token and the question starts with its own dummy-prefix space: one token more than
+``vicuna_v1.1``, which tokenises ``"</Img> Describe ..."`` in one piece.
 """
 
 from __future__ import annotations
@@ -51,6 +59,9 @@ class Template:
     first_user_format: str | None = None
     answer_format: str = " {content}{eos}"
     add_bos: bool = True
+    # the text after the image span tokenised in two runs of its own: `</Img> ` alone, then the rest from
+    # the question's first character (the paper's forward embeds them separately)
+    image_close_apart: bool = False
 
 
 TEMPLATES: dict[str, Template] = {
@@ -67,6 +78,8 @@ TEMPLATES: dict[str, Template] = {
         user_format="{bos}[INST] {content} [/INST]",
         answer_format=" {content} {eos}",
     ),
+    # The released EasyGen's prompt: Vicuna v1.1 roles, `</Img> ` and the question tokenised apart.
+    "easygen": Template(name="easygen", image_close_apart=True),
     # No roles: image then answer, as LLaVA's "plain" pretraining format.
     "plain": Template(
         name="plain", system_format="", user_format="{content}\n", answer_format="{content}{eos}"
@@ -117,6 +130,8 @@ class Segment:
     text: str = ""
     learn: bool = False
     image_tokens: int = 0
+    # tokenised apart from the text before it (a new run, without BOS)
+    starts_run: bool = False
 
 
 @dataclass
@@ -184,7 +199,11 @@ def render(
                 before, after = text.split(IMAGE_MARKER)
                 segments.append(Segment(before + IMG_OPEN))
                 segments.append(Segment(image_tokens=image_token_count))
-                segments.append(Segment(IMG_CLOSE + after))
+                if tpl.image_close_apart:
+                    segments.append(Segment(IMG_CLOSE + " "))
+                    segments.append(Segment(after.lstrip(), starts_run=True))
+                else:
+                    segments.append(Segment(IMG_CLOSE + after))
             else:
                 segments.append(Segment(text))
         else:
@@ -231,6 +250,8 @@ def encode(
             runs.append([seg])
             runs.append([])
         else:
+            if seg.starts_run and runs[-1]:
+                runs.append([])
             runs[-1].append(seg)
 
     for run in runs:

@@ -16,6 +16,12 @@ sentencepiece unigram model (``spiece.model``) trained locally with T5's special
 ``</s>`` = 1, ``<unk>`` = 2, no BOS), wrapped as ``transformers.T5TokenizerFast`` with the sentinel
 tokens ``<extra_id_0..N-1>`` after the pieces (``<extra_id_0>`` has the highest id), as the released
 T5/FlanT5 tokenizers are (T5: Raffel et al. 2020, JMLR; the sentinels of span corruption, §3.1.4).
+
+``LlamaSentencePieceTokenizer`` is Llama's tokenizer as the paper's code loads it (``use_fast=False``, the
+legacy behaviour): ``[BOS] + sentencepiece.encode(text)`` straight from ``tokenizer.model``, text split
+only at special tokens. transformers' own Llama tokenizer is a converted fast one; the released EasyGen
+was trained on the slow one's ids, so the imported model uses this class
+(``easygen.factories.sentencepiece_tokenizer``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, T5TokenizerFast
+from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 BASE_WORDS = (
     "a an the of in on at to with and or is are was were be this that these those there here it its "
@@ -211,3 +218,55 @@ def build_t5_tokenizer(
             (target / "spiece.model").write_bytes(model)
             tok.vocab_file = str(target / "spiece.model")
     return tok
+
+
+class LlamaSentencePieceTokenizer(SentencePieceBackend):
+    """Llama's slow (legacy) tokenizer: ``[BOS] + sentencepiece.encode(text)``; pad = unk unless given.
+
+    Text is split at special tokens (``</s>`` in a string is the end-of-sequence id, as in the slow
+    tokenizer); each piece is ``sentencepiece.encode``d with its dummy prefix. Decoding is sentencepiece's
+    own (byte-fallback pieces become their characters)."""
+
+    vocab_files_names = {"vocab_file": "tokenizer.model"}
+    model_input_names = ["input_ids", "attention_mask"]
+    padding_side = "left"
+
+    def __init__(self, vocab_file, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token=None,
+                 **kwargs):
+        for key in ("legacy", "special_tokens_pattern", "tokenizer_class", "use_default_system_prompt",
+                    "add_prefix_space", "spaces_between_special_tokens"):
+            kwargs.pop(key, None)
+        add_bos = kwargs.pop("add_bos_token", True)
+        add_eos = kwargs.pop("add_eos_token", False)
+        if not add_bos or add_eos:
+            raise ValueError(
+                f"{vocab_file}: add_bos_token={add_bos}, add_eos_token={add_eos}; Llama's tokenizer adds BOS only"
+            )
+        super().__init__(vocab_file=str(vocab_file), unk_token=unk_token, bos_token=bos_token,
+                         eos_token=eos_token, pad_token=pad_token if pad_token is not None else unk_token,
+                         legacy=True, special_tokens_pattern="bos", **kwargs)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return self.sp_model.decode_pieces(list(tokens))
+
+
+def load_llama_sentencepiece(folder: str | Path, model_max_length: int | None = None):
+    """``LlamaSentencePieceTokenizer`` from a folder holding Llama's ``tokenizer.model`` (and optionally its
+    ``tokenizer_config.json`` / ``special_tokens_map.json`` naming the special tokens)."""
+    folder = Path(folder)
+    model = folder / "tokenizer.model"
+    if not model.is_file():
+        raise FileNotFoundError(f"{folder}: no tokenizer.model (Llama's sentencepiece model)")
+    specials = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        f = folder / name
+        if f.is_file():
+            data = json.loads(f.read_text())
+            for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+                value = data.get(key)
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if value and key not in specials:
+                    specials[key] = value
+    kwargs = {"model_max_length": model_max_length} if model_max_length else {}
+    return LlamaSentencePieceTokenizer(model, **specials, **kwargs)

@@ -1,5 +1,6 @@
 """`stage=chat`: the terminal conversation (or `stage.prompt=... [stage.image=...]` for one answer, or
-`stage.script=FILE` with one user line a row). Commands at the prompt: `easygen.chat.COMMANDS`
+`stage.script=FILE` with one user line a row; `stage.features=FILE.npy` asks about a picture's extracted
+BiDiffuser features instead of a picture, with no BiDiffuser built). Commands at the prompt: `easygen.chat.COMMANDS`
 (`/image PATH`, `/draw PROMPT`, `/reset`, `/help`, `/quit`)."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from easygen.chat import ChatSession, repl
@@ -41,13 +43,35 @@ def untrained_warning(plain: dict) -> str:
     )
 
 
+def read_features(cfg) -> torch.Tensor:
+    """`stage.features`: one picture's BiDiffuser features, a `[model.num_image_tokens, model.feature_dim]`
+    float array in a .npy file (what stage=extract writes per sample)."""
+    path = Path(str(cfg.stage.features))
+    want = (int(cfg.model.num_image_tokens), int(cfg.model.feature_dim))
+    if not path.is_file():
+        raise ConfigError(f"stage.features={path} does not exist: set it to a .npy file of shape {list(want)}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"stage.features={path} is not a .npy array ({e})") from None
+    if array.dtype.kind != "f" or tuple(array.shape) != want:
+        raise ConfigError(
+            f"stage.features={path}: a {array.dtype} array of shape {list(array.shape)}; expected float {list(want)} "
+            "(model.num_image_tokens x model.feature_dim)"
+        )
+    if not np.isfinite(array).all():
+        raise ConfigError(f"stage.features={path}: holds NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
 def build_session(cfg):
     plain = container(cfg)
     if is_t5(plain):
         raise ConfigError(
             "stage=chat streams from a decoder-only LLM; model.llm.preset=t5|tiny-t5 is not supported"
         )
-    plain["stage"]["feature_source"] = "on_the_fly"
+    # given features need no BiDiffuser: the LLM side alone answers
+    plain["stage"]["feature_source"] = "extracted" if plain["stage"].get("features") else "on_the_fly"
     torch.manual_seed(int(cfg.seed))
     module = EasyGenModule(plain)
     untrained = not plain.get("init_from")
@@ -76,6 +100,9 @@ def build_session(cfg):
 
 def chat_stage(cfg) -> dict:
     s = cfg.stage
+    features = read_features(cfg) if s.get("features") else None
+    if features is not None and s.get("image"):
+        raise ConfigError("stage.features and stage.image both set: the chat answers about one picture")
     if s.get("image"):
         if not s.get("prompt"):
             raise ConfigError(
@@ -101,7 +128,7 @@ def chat_stage(cfg) -> dict:
         stdin = io.StringIO(Path(str(s.script)).read_text())
     else:
         stdin = sys.stdin
-    errors = repl(session, stdin=stdin, stdout=sys.stdout, transcript=transcript)
+    errors = repl(session, stdin=stdin, stdout=sys.stdout, transcript=transcript, features=features)
     if s.get("prompt") and errors:
         raise ConfigError(f"stage.prompt: {errors[0]}")
     return {

@@ -12,6 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from easygen.errors import ConfigError
+from easygen.llm.release import refuse_release_folder
 
 # model keys that name local files or folders (weights, tokenizers, metric models)
 MODEL_PATH_KEYS = (
@@ -30,7 +31,8 @@ def stage_needs(cfg) -> list[str]:
     """Config subtrees whose required (???) keys this stage reads."""
     kind = cfg.stage.kind
     if kind == "chat":
-        return ["model"]  # chat reads no dataset
+        # chat reads no dataset; about given features (stage.features) it builds no BiDiffuser
+        return ["model.llm", "model.projector"] if cfg.stage.get("features") else ["model"]
     if kind == "all":
         return ["model", "data"]
     if kind == "extract":
@@ -77,6 +79,13 @@ def _path_problems(cfg, missing: list[str]) -> list[str]:
         value = _select(cfg, key)
         if value not in (None, "") and not Path(str(value)).exists():
             out.append(f"{key}={value} does not exist: set {key} to a checkpoint or an export folder")
+    for key in ("init_from", "model.llm.path"):
+        value = _select(cfg, key) if key not in missing else None
+        if value not in (None, "") and Path(str(value)).is_dir():
+            try:  # the released EasyGen's LLM folder loads as another model: it is imported first
+                refuse_release_folder(value, key)
+            except ConfigError as e:
+                out.append(str(e))
     ckpt = _select(cfg, "ckpt_path")
     if ckpt not in (None, "", "last") and not Path(str(ckpt)).exists():
         out.append(f"ckpt_path={ckpt} does not exist: set ckpt_path to a checkpoint file or `last`")
