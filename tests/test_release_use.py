@@ -21,7 +21,7 @@ import torch
 from easygen.clean_text import clean_text
 from easygen.images import load_image_file
 from easygen.llm.release_sample import write_release_sample
-from easygen.llm.templates import CAPTION_PROMPTS
+from easygen.llm.templates import CAPTION_PROMPTS, VQA_SUFFIX
 from easygen.stages.import_release import import_release, release_model_config
 from tests.conftest import ROOT, compose_at
 from tests.test_release_import import PaperModel, caption_text, vqa_text
@@ -167,17 +167,18 @@ def test_server_answers_with_the_papers_prompt_and_greedy_decode(release, paper,
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     (model,) = [m.id for m in client.models.list().data]
-    for question, text in ((CAPTION_PROMPTS[0], caption_text(CAPTION_PROMPTS[0])), (QUESTION, vqa_text(QUESTION))):
-        # VQA: the question carries the paper's short-answer suffix, as the eval stage's VQA samples do
-        asked = question if question == CAPTION_PROMPTS[0] else text.removesuffix(" ASSISTANT:")
+    # (what the user types, the question text of the paper's sequence); a VQA question typed with the
+    # paper's short-answer suffix, as the eval stage's VQA samples carry it
+    for asked, text in ((CAPTION_PROMPTS[0], caption_text(CAPTION_PROMPTS[0])),
+                        (QUESTION + VQA_SUFFIX, vqa_text(QUESTION))):
         reply = client.chat.completions.create(
             model=model, temperature=0, max_tokens=8,
             messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": data_url(picture.read_bytes())}},
                 {"type": "text", "text": asked}]}],
         )
-        assert reply.usage.prompt_tokens == len(paper_ids(paper.sp, text)), (question, reply.usage)
+        assert reply.usage.prompt_tokens == len(paper_ids(paper.sp, text)), (asked, reply.usage)
         want = answer_text(paper, paper.greedy(features, text, 8))
-        assert reply.choices[0].message.content == want, (question, reply.choices[0].message.content, want)
+        assert reply.choices[0].message.content == want, (asked, reply.choices[0].message.content, want)
         # the answer depends on the features: the paper's model given zeros in their place answers otherwise
         assert answer_text(paper, paper.greedy(torch.zeros(ROWS, 64), text, 8)) != want
