@@ -100,6 +100,8 @@ def test_eval_stage_uses_the_papers_prompt_and_answers(release, paper, tmp_path)
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # the command it suggests next chats with the same export folder (its config, not the default model's)
+    assert f"next: python run.py --config-dir {out} +export=easygen stage=chat\n" in proc.stdout, proc.stdout[-2000:]
     predictions = {str(r["image_id"]): r["caption"] for r in json.loads((run / "predictions.json").read_text())}
     test = _test_samples(data)
     assert sorted(predictions) == sorted(str(s["id"]) for s in test) and len(test) >= 4
