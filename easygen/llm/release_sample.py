@@ -10,7 +10,9 @@ the paper's adapter config: r 8, alpha 32, dropout 0.05, ``.*layers.*\\.(q_proj|
 ``lora_B``) and ``OUT/features.npy`` (one picture's ``[77, 768]`` BiDiffuser feature, random). The weights
 are random: the files exercise the format, not the model. ``--format bin``, ``--shards N`` and
 ``--dtype bfloat16|float16`` write the other published variants (``.bin`` files carry the
-``rotary_emb.inv_freq`` buffers older transformers saved).
+``rotary_emb.inv_freq`` buffers older transformers saved). ``--feature-dim 64 --image-tokens 16`` give the
+projector the input width of ``model=tiny``'s BiDiffuser (``conf/model/tiny.yaml``), so that an import runs
+with pictures on that tiny BiDiffuser.
 """
 
 from __future__ import annotations
@@ -174,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    ap.add_argument("--feature-dim", type=int, default=768,
+                    help="the projector's input width: 768 (BiDiffuser v1, the paper's), 64 (model=tiny's BiDiffuser)")
+    ap.add_argument("--image-tokens", type=int, default=77, help="rows of features.npy: 77 (v1), 16 (tiny)")
     args = ap.parse_args(argv)
-    paths = write_release_sample(args.out, fmt=args.format, shards=args.shards, dtype=getattr(torch, args.dtype))
+    paths = write_release_sample(args.out, fmt=args.format, shards=args.shards, dtype=getattr(torch, args.dtype),
+                                 feature_dim=args.feature_dim, num_image_tokens=args.image_tokens)
     for key, path in paths.items():
         print(f"{key}: {path}")
     return 0

@@ -58,6 +58,13 @@ def next_step(results: dict) -> str | None:
     cmd = NEXT.get(str(stage))
     if cmd is None or (init is None and "{init}" in cmd):
         return f"[easygen] {what.rstrip('; ')}" if what else None
+    export = choices.get("export")
+    if export and init and (Path(init).parent / "export" / f"{export}.yaml").is_file():
+        # a run of an export folder (`--config-dir OUT +export=NAME`, easygen/export.py): its model config and
+        # weights come with the folder; `init_from=` alone would load its weights into the default model
+        folder = Path(init).parent
+        cmd = cmd.replace(" init_from={init}", "").replace(
+            "python run.py ", f"python run.py --config-dir {folder} +export={export} ")
     return f"[easygen] {what}next: " + cmd.format(init=init, bidiffuser=artifacts.get("bidiffuser_weights"))
 
 
