@@ -106,23 +106,23 @@ def train_tiny(tmp: Path) -> dict:
 class Server:
     """`python -m easygen.serve ... stage.port=0` in a subprocess, its output collected by a thread."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict):
+    def __init__(self, args: list[str], cwd: Path, env: dict, start_timeout: float = 180):
         self.lines: list[str] = []
         self.url: str | None = None
         self._ready = threading.Event()
         self.proc = subprocess.Popen([sys.executable, "-m", "easygen.serve", "stage.port=0", *args], cwd=cwd,
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(180) or self.url is None:
+        if not self._ready.wait(start_timeout) or self.url is None:
             self.proc.kill()
             raise AssertionError("the server did not start:\n" + self.output[-5000:])
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.lines.append(line)
-            m = re.search(r" at (http://127\.0\.0\.1:\d+)/", line)
-            if m and self.url is None:
-                self.url = m.group(1)
+            m = re.search(r" at http://[^:/]+:(\d+)/", line)
+            if m and self.url is None:  # reached on loopback whatever address it listens on
+                self.url = f"http://127.0.0.1:{m.group(1)}"
                 self._ready.set()
         self._ready.set()
 

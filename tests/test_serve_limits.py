@@ -7,10 +7,7 @@ its temporary folder removed."""
 from __future__ import annotations
 
 import io
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +19,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.test_serve_api import Server as ApiServer
 from tests.test_serve_api import data_url, server_args, server_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,48 +31,15 @@ QUESTIONS = ["What is in the picture?", "Describe the image concisely.", "Which 
              "Tell me about this picture in a few words."]
 
 
-class Server:
-    """`python -m easygen.serve stage.port=0 ...`; its output read by a thread; `url` on 127.0.0.1 whatever
-    address it listens on."""
+class Server(ApiServer):
+    """The API tests' server with the web demo off, its folders under `tmp`."""
 
     def __init__(self, args: list[str], tmp: Path, env_extra: dict | None = None):
-        self.tmp, self.lines, self.url = tmp, [], None
+        self.tmp = tmp
         (tmp / "cwd").mkdir(exist_ok=True)
         env = server_env(tmp)
         env.update(env_extra or {})
-        self._ready = threading.Event()
-        self.proc = subprocess.Popen([sys.executable, "-m", "easygen.serve", "stage.port=0", "stage.web=false",
-                                      *server_args(tmp, args)], cwd=tmp / "cwd", env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(240) or self.url is None:
-            self.proc.kill()
-            raise AssertionError("the server did not start:\n" + self.output[-5000:])
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            m = re.search(r" at http://[^:/]+:(\d+)/", line)
-            if m and self.url is None:
-                self.url = f"http://127.0.0.1:{m.group(1)}"
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=30).json()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
+        super().__init__(["stage.web=false", *server_args(tmp, args)], tmp / "cwd", env, start_timeout=240)
 
 
 def noise_png(seed: int) -> bytes:
