@@ -15,13 +15,16 @@ from data_modules.datamodule import ShardDataModule, _DropNone
 class StageDataModule(ShardDataModule):
     """`ShardDataModule` plus the data config's own keys: `name` and `root` (what the set is and where its
     shards are; the split patterns interpolate `root`), `synthetic` (how the embedded set is written, see
-    `easygen.stages.common.ensure_data`), `eval_batch_size` and the eval collate."""
+    `easygen.stages.common.ensure_data`), `constant_baseline` (read by the training stages' config:
+    whether they score the best constant caption, `easygen.stages.baselines`), `eval_batch_size` and the
+    eval collate."""
 
     def __init__(
         self,
         name: str | None = None,
         root: str | None = None,
         synthetic: dict | None = None,
+        constant_baseline: bool = False,
         eval_batch_size: int | None = None,
         eval_collate_fn: Callable[[list[dict[str, Any]]], Any] | None = None,
         **kwargs: Any,
@@ -30,6 +33,7 @@ class StageDataModule(ShardDataModule):
         self.name = name
         self.root = root
         self.synthetic = synthetic
+        self.constant_baseline = constant_baseline
         self.eval_batch_size = eval_batch_size
         self.eval_collate_fn = eval_collate_fn
 
