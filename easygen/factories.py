@@ -5,6 +5,8 @@ naming its config key. Plain PyTorch/transformers: no Lightning, no Hydra."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -82,9 +84,48 @@ def sentencepiece_tokenizer(path: str | None, model_max_length: int | None = Non
 # LLMs (`model.llm.net`); each takes the tokenizer the module built first
 
 
-def tiny_llama(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0):
-    """A random Llama matched to the tiny tokenizer (the embedded default)."""
-    return build_tiny_llm(tokenizer, hidden_size=hidden_size, layers=num_layers, heads=num_heads, seed=seed)
+def tiny_llama(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0,
+               weights: str | None = None):
+    """A Llama matched to the tiny tokenizer (the embedded default): random from `seed`, or with the trained
+    weights of `weights` (`model.llm.weights`: the shipped file easygen/assets/tiny/llm.safetensors by default)."""
+    model = build_tiny_llm(tokenizer, hidden_size=hidden_size, layers=num_layers, heads=num_heads, seed=seed)
+    if weights:
+        load_tiny_llm(model, tokenizer, require_path(weights, "model.llm.weights"))
+    return model
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id): weights trained with one tokenizer read another's ids wrongly,
+    even when the vocabulary sizes agree (the tiny tokenizer is trained on `tiny_corpus()`)."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), separators=(",", ":"))
+    return hashlib.sha256(vocab.encode()).hexdigest()
+
+
+def load_tiny_llm(model, tokenizer, path: str) -> None:
+    """Load a tiny LLM's weights (a state dict of the transformers model, any float dtype) written by
+    `python -m easygen.stages.tiny_weights`: every tensor present with its shape, and the tokenizer the same."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    theirs = meta.get("tokenizer_sha256")
+    if theirs and theirs != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(
+            f"model.llm.weights={path} was trained with another tokenizer than this tiny tokenizer (its corpus "
+            "changed): rewrite it with `python -m easygen.stages.tiny_weights`, or set model.llm.weights=null"
+        )
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    if missing or unexpected or bad:
+        raise ConfigError(
+            f"model.llm.weights={path} does not fit the tiny LLM (model.llm.hidden_size/num_layers/num_heads): "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}, shapes differ for {bad[:3]}"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+    record_load(model, "model.llm.weights", path, len(sd))
 
 
 def t5_config(tokenizer=None, hidden_size: int = 2048, num_layers: int = 24, num_heads: int = 32,
@@ -99,8 +140,11 @@ def t5_config(tokenizer=None, hidden_size: int = 2048, num_layers: int = 24, num
                     feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False)
 
 
-def tiny_t5(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0):
+def tiny_t5(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0,
+            weights: str | None = None):
     """A random T5 matched to the tiny T5 tokenizer (the FlanT5 Mid-Align path on CPU)."""
+    if weights:
+        raise ConfigError("model.llm.weights: no trained tiny T5 ships; set model.llm.weights=null")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return T5ForConditionalGeneration(t5_config(tokenizer, hidden_size, num_layers, num_heads)).eval()

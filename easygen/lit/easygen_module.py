@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from data_modules.stage_datamodule import log_skipped
+from easygen.assets import ROOT as ASSETS
 from easygen.checkpoint import load_state_dict_file, record_load, save_state_dict_file, stored_config
 from easygen.clean_text import clean_text
 from easygen.errors import ConfigError
@@ -357,31 +358,43 @@ class EasyGenModule(pl.LightningModule):
         return folder
 
 
+def _shipped(path) -> bool:
+    """A file of easygen/assets: a preset's own weights, which a run's init_from may replace."""
+    return bool(path) and Path(str(path)).resolve().is_relative_to(ASSETS)
+
+
 def bidiffuser_of_init_from(cfg: dict) -> dict:
-    """The config with the BiDiffuser that `init_from`'s weights were trained with.
+    """The config with the BiDiffuser (and tiny LLM) that `init_from`'s weights were trained with.
 
     The projector (and LoRA) learned the features of one BiDiffuser (paper §3: the LLM reads BiDiffuser's
     image-to-text features), and text-to-image draws with the same one. A checkpoint holds only what its
     stage trained, but its stored config names that BiDiffuser (`model.bidiffuser.weights`, set by the
-    recipe or the command line). When this run leaves `model.bidiffuser.weights` unset, it is taken from
-    there, so `stage=eval|chat|serve init_from=RUN/...` uses the fine-tuned BiDiffuser of the run it comes
-    from, not the preset's own weights. A value set here wins (with a warning when it differs)."""
+    recipe or the command line). When this run leaves `model.bidiffuser.weights` unset or at the preset's
+    own shipped file (easygen/assets), it is taken from there, so `stage=eval|chat|serve init_from=RUN/...`
+    uses the fine-tuned BiDiffuser of the run it comes from, not the preset's own weights. A value set here
+    wins (with a warning when it differs). `model.llm.weights` (the tiny LLM a projector was aligned to)
+    follows the same rule."""
     init = cfg.get("init_from")
     if not init or not Path(str(init)).is_file():
         return cfg  # no init_from, or a missing one: load_weights names it
     stored = stored_config(init) or {}
+    model = dict(cfg["model"])
+    llm, theirs_llm = dict(model["llm"]), ((stored.get("model") or {}).get("llm") or {})
+    if (theirs_llm.get("preset") == llm.get("preset") and "weights" in theirs_llm and _shipped(llm.get("weights"))
+            and not _same(theirs_llm["weights"], llm["weights"])):
+        log.info("model.llm.weights=%s (the LLM init_from=%s was trained with)", theirs_llm["weights"], init)
+        model["llm"] = {**llm, "weights": theirs_llm["weights"],
+                        "net": {**llm.get("net", {}), "weights": theirs_llm["weights"]}}
     theirs_b = (stored.get("model") or {}).get("bidiffuser") or {}
-    b = cfg["model"]["bidiffuser"]
+    b = model["bidiffuser"]
     theirs, ours = theirs_b.get("weights"), b.get("weights")
-    if theirs_b.get("preset") != b.get("preset") or not theirs:
-        return cfg
-    if ours:
-        if Path(str(ours)).resolve() == Path(str(theirs)).resolve():
-            return cfg
+    if theirs_b.get("preset") != b.get("preset") or not theirs or _same(theirs, ours):
+        return {**cfg, "model": model}
+    if ours and not _shipped(ours):
         log.warning(
             "init_from=%s was trained with model.bidiffuser.weights=%s; this run uses %s", init, theirs, ours
         )
-        return cfg
+        return {**cfg, "model": model}
     if not Path(str(theirs)).is_file():
         raise ConfigError(
             f"init_from={init} was trained with model.bidiffuser.weights={theirs}, which does not exist: set "
@@ -389,7 +402,13 @@ def bidiffuser_of_init_from(cfg: dict) -> dict:
             "stage=bidiffuser run)"
         )
     log.info("model.bidiffuser.weights=%s (the BiDiffuser init_from=%s was trained with)", theirs, init)
-    return {**cfg, "model": {**cfg["model"], "bidiffuser": {**b, "weights": theirs}}}
+    return {**cfg, "model": {**model, "bidiffuser": {**b, "weights": theirs}}}
+
+
+def _same(a, b) -> bool:
+    if not a or not b:
+        return not a and not b
+    return Path(str(a)).resolve() == Path(str(b)).resolve()
 
 
 def derangement(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -11,9 +11,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from data_modules.shards import expand_urls
 from data_modules.synthetic import make_synthetic
+from easygen.assets import asset
 from easygen.errors import ConfigError
 
 log = logging.getLogger("easygen")
+
+# `${easygen.asset:tiny/llm.safetensors}`: a file shipped in easygen/assets (the tiny preset's trained weights)
+OmegaConf.register_new_resolver("easygen.asset", asset, replace=True)
 
 
 def container(cfg):
