@@ -113,7 +113,7 @@ def point_llm_at(model: dict, llm_dir: Path, dtype: str = "float32", tokenizer: 
     model["module"] = "easygen.lit.easygen_module.EasyGenModule"  # exports are decoder-only LLMs
     llm_dir = str(llm_dir)
     model.setdefault("llm", {}).update(
-        preset="pretrained", path=llm_dir, dtype=dtype, trust_remote_code=False,
+        preset="pretrained", path=llm_dir, weights=None, dtype=dtype, trust_remote_code=False,
         tokenizer=tokenizer or {"_target_": "easygen.factories.pretrained_tokenizer", "path": llm_dir,
                                 "trust_remote_code": False},
         net={"_target_": "easygen.factories.pretrained_llm", "path": llm_dir, "dtype": dtype,

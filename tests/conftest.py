@@ -9,6 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import easygen.stages.common  # noqa: F401  (registers the ${easygen.asset:NAME} resolver, as run.py's imports do)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

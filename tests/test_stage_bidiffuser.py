@@ -19,6 +19,9 @@ import torch
 from tests.conftest import ROOT, compose_at
 
 BASE = [
+    # from the preset's random weights (not the shipped trained ones): the tests watch training start
+    "model.bidiffuser.weights=null",
+    "model.llm.weights=null",
     "data.synthetic.n=40",
     "data.batch_size=8",
     "data.eval_batch_size=8",

@@ -16,6 +16,7 @@ from pathlib import Path
 from hydra import compose
 from omegaconf import OmegaConf
 
+from easygen.assets import ROOT as ASSETS
 from easygen.errors import ConfigError
 from easygen.stages.baselines import baselines
 from easygen.stages.common import differences, flatten, hydra_overrides, output_dir
@@ -52,7 +53,21 @@ def compose_stage(cfg, stage: str, extra: list[str]):
     per_stage = list((cfg.stage.get("overrides") or {}).get(stage) or [])
     name = (cfg.get("recipe") or {}).get("name")
     which = [f"experiment={name}/{stage}"] if name else [f"stage={stage}"]
-    return compose(config_name="config", overrides=[*which, *user, *per_stage, *extra])
+    sub = compose(config_name="config", overrides=[*which, *user, *per_stage, *extra])
+    if not cfg.stage.get("shipped_weights", True):
+        # the tiny preset's shipped files are this recipe's own output (python -m easygen.stages.tiny_weights):
+        # the recipe starts where they started, from the preset's random weights
+        for part in ("bidiffuser", "llm"):
+            node = sub.model.get(part) or {}
+            if part == "llm" and "weights" in node and _shipped(node.get("weights")):
+                sub.model.llm.weights = None
+            elif part == "bidiffuser" and _shipped(node.get("weights")):
+                sub.model.bidiffuser.weights = None
+    return sub
+
+
+def _shipped(path) -> bool:
+    return bool(path) and Path(str(path)).resolve().is_relative_to(ASSETS)
 
 
 # keys that do not change what a stage computes (where it writes, how it logs)

@@ -10,6 +10,7 @@ from pathlib import Path
 from hydra.utils import get_method
 from lightning.pytorch.utilities import rank_zero_only
 
+from easygen.assets import ROOT as ASSETS
 from easygen.lit.log_setup import quiet_known_warnings, single_handler
 from easygen.stages.checks import validate
 from easygen.stages.common import hydra_choices, output_dir
@@ -45,6 +46,21 @@ NEXT = {
 }
 
 
+# the weights a stage starts from (its `loaded` entries), named in its one-line summary
+STARTS_FROM = {"model.llm.weights": "LLM", "model.bidiffuser.weights": "BiDiffuser"}
+
+
+def starting_weights(results: dict) -> str:
+    """`, with the shipped tiny LLM and BiDiffuser (easygen/assets/tiny)` or the files' paths; empty if none."""
+    loaded = [e for e in results.get("loaded") or [] if isinstance(e, dict) and e.get("key") in STARTS_FROM]
+    if not loaded:
+        return ""
+    names = " and ".join(STARTS_FROM[e["key"]] for e in loaded)
+    if all(Path(e["path"]).resolve().is_relative_to(ASSETS) for e in loaded):
+        return f", with the shipped tiny {names} (easygen/assets/tiny)"
+    return ", with " + " and ".join(f"the {STARTS_FROM[e['key']]} of {e['path']}" for e in loaded)
+
+
 def next_step(results: dict) -> str | None:
     """One line: what the stage trained, on which data, and the command that comes next."""
     stage = results.get("stage")
@@ -54,7 +70,7 @@ def next_step(results: dict) -> str | None:
     groups = sorted(results.get("optimizer_lr") or {})
     choices = results.get("choices") or {}
     what = (f"trained {', '.join(groups)} of model={choices.get('model')} for {results.get('global_step')} steps "
-            f"on data={choices.get('data')}; " if groups else "")
+            f"on data={choices.get('data')}{starting_weights(results)}; " if groups else "")
     cmd = NEXT.get(str(stage))
     if cmd is None or (init is None and "{init}" in cmd):
         return f"[easygen] {what.rstrip('; ')}" if what else None
