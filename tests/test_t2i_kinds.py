@@ -67,6 +67,17 @@ def test_reader_tells_another_value_apart(kind):
                 assert read[attr] == other and read != _truth(kind, attrs), (attrs, changed, read)
 
 
+def test_texture_reader_wants_the_board_for_checkered():
+    """Half the picture in the colour is checkered only when laid out as the 4x4 board: one half of the
+    picture, or a 2x2 board, reads no texture."""
+    half = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    half[:, : SIZE // 2] = patterns.COLOURS["red"]
+    coarse = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    coarse[: SIZE // 2, : SIZE // 2] = coarse[SIZE // 2 :, SIZE // 2 :] = patterns.COLOURS["red"]
+    for picture in (half, coarse):
+        assert KINDS["texture"].read_picture(picture) == {"colour": "red", "texture": None}
+
+
 def test_readers_read_a_blank_picture_as_no_drawing():
     white, black = np.full((SIZE, SIZE, 3), 255, np.uint8), np.zeros((SIZE, SIZE, 3), np.uint8)
     assert KINDS["texture"].read_picture(white) == {"colour": None, "texture": None}
