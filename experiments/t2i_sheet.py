@@ -4,8 +4,8 @@
 
 RUN is a recipe run (`stage=all`: its `t2i/eval/` folder is used) or a `stage=eval task=t2i` output
 folder (`predictions.json` + `images/`). Each cell shows the picture (enlarged `--scale` times, nearest
-neighbour), the prompt, what `data_modules/synthetic_reader.py` read from the pixels and the model's own
-caption of the picture, when the run recorded them.
+neighbour), the prompt, what the pixel reader read from the pixels and the model's own
+caption of the picture, when the run recorded them (the readings of the set's kind, data_modules/t2i_kinds.py).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from callbacks.caption_eval import CaptionEvalCallback
 from callbacks.progress import StepProgressBar
 from data_modules.shards import expand_urls
 from data_modules.stage_datamodule import StageDataModule
-from data_modules.synthetic_reader import attribute_accuracy, parse_caption, read_picture
+from data_modules.t2i_kinds import attribute_accuracy, kind_for
 from easygen.checkpoint import loaded_weights
 from easygen.errors import ConfigError
 from easygen.metrics import clip_score, fid_score, ptb_tokenize, require_torch_fidelity, vqa_scores
@@ -132,9 +132,10 @@ def t2i_eval(cfg, module, out: Path) -> dict:
 
     - `test/t2i_roundtrip_CIDEr`: each picture captioned by the model itself (its image-to-text path),
       scored against the sample's references (any dataset);
-    - `test/t2i_attr/<attribute>` (and `<attribute>_chance`, the most frequent true value's rate): for
-      prompts that name every attribute of the synthetic set, the attributes read back from the pixels by
-      `data_modules/synthetic_reader.py` (no model involved) against those the prompt names;
+    - `test/t2i_attr/<attribute>` (and `<attribute>_chance`, the most frequent true value's rate): on a
+      set of a known kind (data_modules/t2i_kinds.py: the synthetic shapes, the patterns of
+      data_modules/patterns.py; told by `data.root`'s manifest or by the prompts), the attributes read back
+      from the pixels by the kind's reader (no model involved) against those the prompt names;
     - CLIP score and FID when their local weights are configured (`stage.clip_model`, `stage.inception`)."""
     # weights for the scores are read from local paths: check them before generating anything
     for key in ("clip_model", "inception"):
@@ -164,10 +165,21 @@ def t2i_eval(cfg, module, out: Path) -> dict:
     metrics = {"test/num_images": float(len(images))}
     roundtrip = roundtrip_captions(module, samples, images)
     metrics["test/t2i_roundtrip_CIDEr"] = cider_score(roundtrip, {s["id"]: s["captions"] for s in samples})
-    readings = attribute_readings(prompts, images)
+    kind = kind_for(prompts, cfg.data.get("root"))
+    readings = attribute_readings(prompts, images, kind)
     if readings is not None:
-        acc = attribute_accuracy([r for r, _ in readings], [t for _, t in readings])
+        scored = [r for r in readings if r is not None]
+        acc = attribute_accuracy([r for r, _ in scored], [t for _, t in scored], kind.attributes)
         metrics.update({f"test/t2i_attr/{k}": float(v) for k, v in acc.items()})
+        metrics["test/t2i_attr_prompts"] = float(len(scored))
+        if len(scored) < len(readings):
+            first = next(i for i, r in enumerate(readings) if r is None)
+            log.warning("t2i: %d of %d test prompts name not every attribute of a %s set and are not read back "
+                        "(the first: sample %s, %r)", len(readings) - len(scored), len(readings), kind.name,
+                        samples[first]["id"], prompts[first])
+        log.info("text-to-image read back (%s set): %s", kind.name,
+                 ", ".join(f"{a} {acc[a]:.3f} (chance {acc[a + '_chance']:.3f})" for a in kind.attributes
+                           if a in acc))
     fake = torch.stack([torch.as_tensor(np.array(im)).permute(2, 0, 1) for im in images])
     real = torch.stack([(s["image"] * 255).round().to(torch.uint8) for s in samples])
     if cfg.stage.get("clip_model"):
@@ -182,7 +194,7 @@ def t2i_eval(cfg, module, out: Path) -> dict:
                     "prompt": p,
                     "file": f"images/{s['id']}.png",
                     "caption_of_picture": roundtrip[s["id"]],
-                    **({"read": readings[k][0], "named": readings[k][1]} if readings is not None else {}),
+                    **({"read": readings[k][0], "named": readings[k][1]} if readings and readings[k] else {}),
                 }
                 for k, (s, p) in enumerate(zip(samples, prompts))
             ],
@@ -197,6 +209,7 @@ def t2i_eval(cfg, module, out: Path) -> dict:
         "checkpoints": {},
         "artifacts": {"images": str(folder)},
         "loaded": loaded_weights(module),
+        **({"t2i_kind": kind.name} if readings is not None else {}),
     }
 
 
@@ -223,13 +236,18 @@ def cider_score(predictions: dict[str, str], references: dict[str, list[str]]) -
     return float(score)
 
 
-def attribute_readings(prompts: list[str], images: list) -> list[tuple[dict, dict]] | None:
-    """(read from the pixels, named by the prompt) per picture, when every prompt names all of the
-    synthetic set's attributes; else None (other datasets)."""
-    named = [parse_caption(p) for p in prompts]
-    if not named or any(v is None for n in named for v in n.values()):
+def attribute_readings(prompts: list[str], images: list, kind=None) -> list[tuple[dict, dict] | None] | None:
+    """(read from the pixels by the kind's reader, named by the prompt) per picture, None for a prompt that
+    does not name every attribute of the kind (not scored; t2i_eval counts them); None in all when the set
+    is of no known kind (``kind`` None: told from the prompts, data_modules/t2i_kinds.py::kind_for)."""
+    kind = kind if kind is not None else kind_for(prompts)
+    if kind is None or not prompts:
         return None
-    return [(read_picture(im), n) for im, n in zip(images, named)]
+    named = [kind.parse_caption(p) for p in prompts]
+    return [
+        (kind.read_picture(im), n) if all(v is not None for v in n.values()) else None
+        for im, n in zip(images, named)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
