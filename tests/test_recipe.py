@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -44,8 +46,17 @@ def test_short_recipe_hands_outputs_on(tmp_path, run_env):
     assert loaded(ex, "model.bidiffuser.weights")[weights] > 10
     # pretrain read the extracted shards (its fingerprint records the resolved data config and the files)
     pre_fp = json.loads((out / "pretrain" / "fingerprint.json").read_text())
-    assert pre_fp["data.train.0.urls"] == f"{ex['artifacts']['shards']}/train/*.tar"
+    shards = ex["artifacts"]["shards"]
+    # the caption shards alone (one by one: `*.tar` there would take the dialogues' shards too) ...
+    assert pre_fp["data.train.0.urls"] == f"{shards}/train/shard-000000.tar", pre_fp["data.train.0.urls"]
     assert pre_fp["data.train.0.urls (files)"] != "absent"
+    # ... and the instruct stage adds the extracted dialogues (draw requests, questions with their features)
+    inst_fp = json.loads((out / "instruct" / "fingerprint.json").read_text())
+    assert [inst_fp[f"stage.extra_train.{i}.urls"] for i in (0, 1)] == [
+        f"{shards}/train/draw-*.tar", f"{shards}/train/question-*.tar"]
+    assert "stage.extra_train.0.urls" not in pre_fp
+    with tarfile.open(sorted((Path(shards) / "train").glob("question-*.tar"))[0]) as tar:
+        assert any(name.endswith(".features.npy") for name in tar.getnames())
     assert set(loaded(inst, "init_from")) == {pre["artifacts"]["weights"]}
     assert set(loaded(ev, "init_from")) == {inst["artifacts"]["weights"]}
     assert min(loaded(inst, "init_from").values()) > 2 and min(loaded(ev, "init_from").values()) > 2

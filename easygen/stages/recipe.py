@@ -34,8 +34,14 @@ def _links(stage: str, done: dict) -> list[str]:
     ex = done.get("extract", {}).get("artifacts", {})
     if ex.get("shards") and stage in ("pretrain", "instruct", "eval"):
         root = ex["shards"]
-        out += [f"data.train=[{{urls:'{root}/train/*.tar',weight:1.0}}]", f"data.val='{root}/val/*.tar'",
-                f"data.test='{root}/test/*.tar'"]
+        # each source of the data config at its extracted shards (easygen/stages/extract.py extracted_sources)
+        sources = ex.get("sources") or {"train": [{"urls": f"{root}/train/*.tar", "weight": 1.0}],
+                                         "val": f"{root}/val/*.tar", "test": f"{root}/test/*.tar"}
+        for group in ("train", "instruct_train"):
+            if sources.get(group):
+                items = ",".join(f"{{urls:'{s['urls']}',weight:{float(s['weight'])}}}" for s in sources[group])
+                out.append(f"data.{group}=[{items}]")
+        out += [f"data.{split}='{sources[split]}'" for split in ("val", "test") if sources.get(split)]
     prev = {"instruct": "pretrain", "eval": "instruct"}.get(stage)
     if prev and done.get(prev):
         w = done[prev].get("artifacts", {}).get("weights") or done[prev]["checkpoints"].get("last")
@@ -62,7 +68,9 @@ FINGERPRINT = "fingerprint.json"
 
 def _file_identity(pattern: str) -> str:
     """What a path or shard pattern points at: count, bytes and newest modification of the files."""
-    paths = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).exists() else [])
+    paths = []
+    for part in pattern.split("::"):  # shards one by one (easygen/stages/extract.py extracted_spec)
+        paths += sorted(glob.glob(part)) or ([part] if Path(part).exists() else [])
     files = [f for p in paths for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file()]
     if not files:
         return "absent"
@@ -74,8 +82,9 @@ def fingerprint(sub) -> dict:
     """The stage's resolved config without its volatile keys, with each input file's identity beside it."""
     flat = flatten(OmegaConf.to_container(sub, resolve=True))
     out = {k: v for k, v in flat.items() if not k.startswith(VOLATILE)}
-    inputs = [k for k in out if k in ("init_from", "model.bidiffuser.weights", "data.val", "data.test")
-              or (k.startswith("data.train") and k.endswith(".urls"))]
+    inputs = [k for k in out if k in ("init_from", "model.bidiffuser.weights", "data.val", "data.test",
+                                      "data.dialogue_test")
+              or (k.startswith(("data.train", "data.instruct_train")) and k.endswith(".urls"))]
     for key in inputs:
         if isinstance(out[key], str):
             out[f"{key} (files)"] = _file_identity(out[key])
@@ -166,6 +175,14 @@ def run_all(cfg) -> dict:
         if "eval" in t2i:
             metrics.update({k: v for k, v in t2i["eval"]["metrics"].items() if k.startswith("test/t2i")})
             summary["t2i"] = {"metrics": t2i["eval"].get("metrics", {}), "best": {}}
+    if cfg.stage.get("dialogue", True) and final and "eval" in stages and cfg.data.get("dialogue_test"):
+        # the instruction dialogues on held-out pictures (draw requests, attribute questions, caption
+        # requests): easygen/stages/evaluate.py dialogue_eval; +stage.dialogue=false skips it
+        dialogue = run_chain(cfg, ["eval"], root / "dialogue", {s: r for s, r in done.items() if s != "eval"},
+                             ["task=dialogue"])
+        if "eval" in dialogue:
+            metrics.update({k: v for k, v in dialogue["eval"]["metrics"].items() if k.startswith("test/dialogue/")})
+            summary["dialogue"] = {"metrics": dialogue["eval"].get("metrics", {}), "best": {}}
     print_table(summary)
     return {"global_step": sum(int(r.get("global_step", 0)) for r in done.values()), "metrics": metrics,
             "best": {}, "stages": summary, "stage_dirs": {s: str(root / s) for s in done}, "checkpoints": {}}
