@@ -283,7 +283,8 @@ def dialogue_samples(n: int, seed: int, image_size: int):
             yield split, "draw", record["id"], record, None
         for attribute, phrasings in QUESTIONS.items():
             question, answer = rng.choice(phrasings), attributes[attribute]
-            record = {"id": f"{base}_{attribute}", "split": split,
+            # the picture's captions travel along: caption-as-image training reads them in its place
+            record = {"id": f"{base}_{attribute}", "split": split, "captions": captions_for(attributes),
                       "dialogue": {"type": "question", "attribute": attribute, **meta}}
             if rng.random() < 0.5:  # the paper's short-answer prompt (easygen/llm/collate.py)
                 record.update(kind="vqa", question=question, answers=[answer])
