@@ -90,7 +90,7 @@ def test_short_recipe_hands_outputs_on(tmp_path, run_env):
 
 @pytest.mark.slow
 def test_full_recipe_learns_on_the_embedded_default(tmp_path, run_env):
-    """The whole recipe as a user runs it (about 3.5 minutes on 2 idle cores): the final model's held-out
+    """The whole recipe as a user runs it (under 5 minutes on 2 idle cores): the final model's held-out
     CIDEr is well above the best constant caption's and the same recipe's trained on shuffled pictures
     (measured: 3.6x and 4.6x at seed 42, 3.2x at seed 1; the margin here leaves room for other CPUs' float
     results). The figures of the latest run are in experiments/RESULTS.md."""

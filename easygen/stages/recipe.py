@@ -25,8 +25,9 @@ log = logging.getLogger("easygen")
 SKIP_OVERRIDES = ("stage", "experiment", "hydra.", "paths.output_dir", "init_from", "ckpt_path")
 
 
-def _links(stage: str, done: dict) -> list[str]:
-    """Overrides that hand the earlier stages' outputs to `stage`."""
+def _links(stage: str, done: dict, cfg=None) -> list[str]:
+    """Overrides that hand the earlier stages' outputs to `stage`; a source's weight is this run's
+    (`cfg.data`), not the one recorded when its shards were extracted."""
     out = []
     bd = done.get("bidiffuser", {}).get("artifacts", {})
     if bd.get("bidiffuser_weights") and stage != "bidiffuser":
@@ -39,7 +40,10 @@ def _links(stage: str, done: dict) -> list[str]:
                                          "val": f"{root}/val/*.tar", "test": f"{root}/test/*.tar"}
         for group in ("train", "instruct_train"):
             if sources.get(group):
-                items = ",".join(f"{{urls:'{s['urls']}',weight:{float(s['weight'])}}}" for s in sources[group])
+                now = list((cfg.data.get(group) or []) if cfg is not None else [])
+                weights = ([float(n.get("weight", 1.0)) for n in now] if len(now) == len(sources[group])
+                           else [float(s["weight"]) for s in sources[group]])
+                items = ",".join(f"{{urls:'{s['urls']}',weight:{w}}}" for s, w in zip(sources[group], weights))
                 out.append(f"data.{group}=[{items}]")
         out += [f"data.{split}='{sources[split]}'" for split in ("val", "test") if sources.get(split)]
     prev = {"instruct": "pretrain", "eval": "instruct"}.get(stage)
@@ -133,7 +137,7 @@ def run_chain(cfg, stages, root: Path, done: dict, extra: list[str] = ()) -> dic
         raise ConfigError(f"stage.on_change={policy}: choose rerun, reuse or error")
     for stage in stages:
         sdir = root / stage
-        sub = compose_stage(cfg, stage, [f"paths.output_dir={sdir}", *_links(stage, done),
+        sub = compose_stage(cfg, stage, [f"paths.output_dir={sdir}", *_links(stage, done, cfg),
                                          *wandb_names(cfg, sdir), *extra])
         if sub.stage.kind == "all":
             raise ConfigError("stage.stages may not contain 'all'")
