@@ -260,5 +260,5 @@ def test_dialogues_features_from_the_pictures(data_dir, tmp_path):
     sources = res["artifacts"]["sources"]
     assert sources["train"] == [{"urls": "::".join(str(out / "train" / f"shard-{i:06d}.tar") for i in range(5)),
                                  "weight": 1.0}]
-    assert sources["instruct_train"] == [{"urls": str(out / "train" / "draw-*.tar"), "weight": 0.4},
-                                         {"urls": str(out / "train" / "question-*.tar"), "weight": 0.6}]
+    assert sources["instruct_train"] == [{"urls": str(out / "train" / "draw-*.tar"), "weight": 0.25},
+                                         {"urls": str(out / "train" / "question-*.tar"), "weight": 0.4}]
