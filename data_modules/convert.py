@@ -573,19 +573,19 @@ def reason_kind(reason: str) -> str:
 
 
 class _SplitWriter:
-    """``<out>/<split>/shard-%06d.tar`` with at most ``shard_size`` samples each, through webdataset's
-    ``ShardWriter``. Each shard is written as ``shard-%06d.tar.tmp`` and renamed when complete (ShardWriter's
-    ``post`` hook), so that a crashed conversion leaves no partial ``.tar`` for the readers of
-    data_modules/shards.py, which take ``*.tar``."""
+    """``<out>/<split>/<prefix>-%06d.tar`` (prefix ``shard``) with at most ``shard_size`` samples each,
+    through webdataset's ``ShardWriter``. Each shard is written as ``<prefix>-%06d.tar.tmp`` and renamed when
+    complete (ShardWriter's ``post`` hook), so that a crashed conversion leaves no partial ``.tar`` for the
+    readers of data_modules/shards.py, which take ``*.tar``."""
 
-    def __init__(self, out: Path, split: str, shard_size: int):
+    def __init__(self, out: Path, split: str, shard_size: int, prefix: str = "shard"):
         directory = out / split
         directory.mkdir(parents=True, exist_ok=True)
         self.split = split
         self.counts: dict[str, int] = {}
         self.file: io.BufferedWriter | None = None
         self.writer = wds.ShardWriter(
-            os.path.join(str(directory).replace("%", "%%"), "shard-%06d.tar.tmp"),
+            os.path.join(str(directory).replace("%", "%%"), f"{prefix}-%06d.tar.tmp"),
             maxcount=shard_size,
             maxsize=float("inf"),
             post=self._complete,

@@ -18,7 +18,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from data_modules.synthetic import caption_corpus
+from data_modules.synthetic import caption_corpus, dialogue_corpus
 from easygen.bidiffuser import BiDiffuser
 from easygen.checkpoint import load_state_dict_file, record_load
 from easygen.errors import ConfigError
@@ -44,9 +44,16 @@ def require_path(value, key: str) -> str:
     return str(value)
 
 
-def tiny_corpus() -> list[str]:
-    """Text the tiny tokenizers are trained on: every synthetic caption word and the prompt templates."""
+def tiny_caption_corpus() -> list[str]:
+    """Text the tiny BiDiffuser's tokenizers are trained on (its text side reads captions only, and the
+    `<Img>` descriptions the LLM writes are captions): every synthetic caption and the prompt templates."""
     return [*CAPTION_PROMPTS, VQA_SUFFIX, f"USER: {IMG_OPEN} {IMG_CLOSE} ASSISTANT:", *caption_corpus()]
+
+
+def tiny_corpus() -> list[str]:
+    """Text the tiny LLM tokenizers are trained on: `tiny_caption_corpus()` and the synthetic set's dialogue
+    phrasings (draw requests, attribute questions and their answers, data_modules/synthetic.py)."""
+    return [*tiny_caption_corpus(), *dialogue_corpus()]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,7 +208,7 @@ def build_bidiffuser(cfg: dict, device: str | torch.device | None = None):
     preset = b["preset"]
     if preset == "tiny":
         pipe = BiDiffuser.tiny(
-            tiny_corpus(), seed=int(cfg.get("seed", 0)), image_size=int(cfg["model"]["image_size"]), **sampler
+            tiny_caption_corpus(), seed=int(cfg.get("seed", 0)), image_size=int(cfg["model"]["image_size"]), **sampler
         )
     elif preset == "v1-random":
         pipe = BiDiffuser.random_v1(**sampler)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from data_modules.synthetic import captions_for, draw, sample_attributes
 from easygen.bidiffuser.clip import fit_clip
 from easygen.bidiffuser.pipeline import BiDiffuser
-from easygen.factories import tiny_corpus
+from easygen.factories import tiny_caption_corpus
 from tests.conftest import compose_at
 
 
@@ -50,14 +50,14 @@ def pairs():
 
 
 def _fitted(images, captions, **kwargs):
-    pipe = BiDiffuser.tiny(tiny_corpus(), seed=0, image_size=64)
+    pipe = BiDiffuser.tiny(tiny_caption_corpus(), seed=0, image_size=64)
     losses = pipe.fit_clip(images, captions, seed=0, **{"steps": 150, "batch_size": 64, **kwargs})
     return pipe, losses
 
 
 def test_fit_makes_captions_find_their_pictures(pairs):
     images, captions = pairs
-    before = _retrieval(BiDiffuser.tiny(tiny_corpus(), seed=0, image_size=64), images, captions)
+    before = _retrieval(BiDiffuser.tiny(tiny_caption_corpus(), seed=0, image_size=64), images, captions)
     pipe, losses = _fitted(images, captions, paraphrase=1.0)
     after = _retrieval(pipe, images, captions)
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
@@ -87,7 +87,7 @@ def test_fit_is_deterministic_given_its_seed(pairs):
     ],
 )
 def test_bad_input_is_named(images, captions, kwargs, message):
-    pipe = BiDiffuser.tiny(tiny_corpus(), seed=0, image_size=64)
+    pipe = BiDiffuser.tiny(tiny_caption_corpus(), seed=0, image_size=64)
     with pytest.raises(ValueError, match=message):
         fit_clip(pipe.clip_text, pipe.clip_image, images, captions, **kwargs)
 

@@ -26,6 +26,7 @@ SMALL = [
     "logger=none",
     "stage.splits=[train]",
     "stage.batch_size=8",
+    "data.instruct_train=null",  # the caption set alone (the dialogues: test_dialogues_features_from_the_pictures)
 ]
 
 
@@ -235,3 +236,29 @@ def test_ranks_write_disjoint_shards(data_dir, tmp_path, run_env):
     assert (tmp_path / "rank0" / "results.json").exists() and not (
         tmp_path / "rank1" / "results.json"
     ).exists()
+
+
+def test_dialogues_features_from_the_pictures(data_dir, tmp_path):
+    """With the synthetic set's dialogues (`data.instruct_train`), extract writes them beside the captions:
+    a question gets the features of its picture (the caption sample's, served from the memo of pictures
+    already seen), a draw request (no picture) is copied as it is; `sources` hands each source on."""
+    from easygen.stages.extract import extract_stage
+
+    cfg = compose_at(data_dir, tmp_path / "run", [o for o in SMALL if not o.startswith("data.instruct_train")])
+    assert len(cfg.data.instruct_train) == 2
+    res = extract_stage(cfg)
+    out = Path(res["artifacts"]["shards"])
+    captions = {k: v for p in sorted((out / "train").glob("shard-*.tar")) for k, v in members(p).items()}
+    questions = {k: v for p in sorted((out / "train").glob("question-*.tar")) for k, v in members(p).items()}
+    draws = {k: v for p in sorted((out / "train").glob("draw-*.tar")) for k, v in members(p).items()}
+    assert len(captions) == 20 and len(questions) == 5 * 20 and len(draws) == 2 * 20
+    for q in questions.values():
+        picture = json.loads(q["json"])["dialogue"]["picture"]
+        assert q["png"] == captions[picture]["png"]
+        np.testing.assert_array_equal(npy(q["features.npy"]), npy(captions[picture]["features.npy"]))
+    assert all(set(d) == {"json"} for d in draws.values())
+    sources = res["artifacts"]["sources"]
+    assert sources["train"] == [{"urls": "::".join(str(out / "train" / f"shard-{i:06d}.tar") for i in range(5)),
+                                 "weight": 1.0}]
+    assert sources["instruct_train"] == [{"urls": str(out / "train" / "draw-*.tar"), "weight": 0.25},
+                                         {"urls": str(out / "train" / "question-*.tar"), "weight": 0.4}]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -44,8 +46,17 @@ def test_short_recipe_hands_outputs_on(tmp_path, run_env):
     assert loaded(ex, "model.bidiffuser.weights")[weights] > 10
     # pretrain read the extracted shards (its fingerprint records the resolved data config and the files)
     pre_fp = json.loads((out / "pretrain" / "fingerprint.json").read_text())
-    assert pre_fp["data.train.0.urls"] == f"{ex['artifacts']['shards']}/train/*.tar"
+    shards = ex["artifacts"]["shards"]
+    # the caption shards alone (one by one: `*.tar` there would take the dialogues' shards too) ...
+    assert pre_fp["data.train.0.urls"] == f"{shards}/train/shard-000000.tar", pre_fp["data.train.0.urls"]
     assert pre_fp["data.train.0.urls (files)"] != "absent"
+    # ... and the instruct stage adds the extracted dialogues (draw requests, questions with their features)
+    inst_fp = json.loads((out / "instruct" / "fingerprint.json").read_text())
+    assert [inst_fp[f"stage.extra_train.{i}.urls"] for i in (0, 1)] == [
+        f"{shards}/train/draw-*.tar", f"{shards}/train/question-*.tar"]
+    assert "stage.extra_train.0.urls" not in pre_fp
+    with tarfile.open(sorted((Path(shards) / "train").glob("question-*.tar"))[0]) as tar:
+        assert any(name.endswith(".features.npy") for name in tar.getnames())
     assert set(loaded(inst, "init_from")) == {pre["artifacts"]["weights"]}
     assert set(loaded(ev, "init_from")) == {inst["artifacts"]["weights"]}
     assert min(loaded(inst, "init_from").values()) > 2 and min(loaded(ev, "init_from").values()) > 2
@@ -79,7 +90,7 @@ def test_short_recipe_hands_outputs_on(tmp_path, run_env):
 
 @pytest.mark.slow
 def test_full_recipe_learns_on_the_embedded_default(tmp_path, run_env):
-    """The whole recipe as a user runs it (about 3.5 minutes on 2 idle cores): the final model's held-out
+    """The whole recipe as a user runs it (under 5 minutes on 2 idle cores): the final model's held-out
     CIDEr is well above the best constant caption's and the same recipe's trained on shuffled pictures
     (measured: 3.6x and 4.6x at seed 42, 3.2x at seed 1; the margin here leaves room for other CPUs' float
     results). The figures of the latest run are in experiments/RESULTS.md."""
@@ -96,6 +107,62 @@ def test_full_recipe_learns_on_the_embedded_default(tmp_path, run_env):
     for attribute in ("colour", "background"):
         assert m[f"test/t2i_attr/{attribute}"] >= 0.6, m
         assert m[f"test/t2i_attr/{attribute}"] > m[f"test/t2i_attr/{attribute}_chance"] + 0.25, m
+    # the instruction dialogues on held-out pictures (task=dialogue, easygen/stages/evaluate.py dialogue_eval):
+    # draw requests answered with a picture that has what they asked for, attribute questions answered
+    # above chance, and no picture for a question
+    d = {k.removeprefix("test/dialogue/"): v for k, v in m.items() if k.startswith("test/dialogue/")}
+    assert d["draw_answered"] >= 0.8, d
+    for attribute in ("colour", "background"):
+        assert d[f"draw_{attribute}"] > d[f"draw_{attribute}_chance"] + 0.25, d
+    assert d["short_answer_acc"] > d["short_answer_chance"] + 0.2, d
+    for attribute in ("colour", "background", "size"):
+        assert d[f"short_answer_acc/{attribute}"] > d[f"short_answer_chance/{attribute}"], d
+    assert d["question_img_rate"] <= 0.05 and d["caption_img_rate"] <= 0.05, d
+    assert d["caption_CIDEr"] > 2.5 * m["baseline/constant_CIDEr"], d
+    check_served_dialogue(tmp_path, out, run_env)
+
+
+def _held_out_draw_request(data_dir) -> str:
+    """The first draw request of the held-out dialogues (test pictures; never trained on)."""
+    (shard,) = sorted(Path(data_dir).glob("synthetic-*/dialogue/test/draw-*.tar"))[:1]
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar if m.name.endswith(".json"))
+        meta = json.loads(tar.extractfile(member).read())
+    assert meta["dialogue"]["type"] == "draw" and meta["split"] == "test"
+    return meta["conversations"][0]["value"]
+
+
+def check_served_dialogue(tmp_path, out, run_env) -> None:
+    """The recipe's model behind the server's engine (in process, as stage=serve builds it) and in
+    `stage=chat`: a held-out draw request is answered with `<Img>...</Img>` and a picture is drawn."""
+    import queue
+
+    from easygen.serve.engine import ChatRequest, Engine
+    from easygen.stages.chat import build_session
+    from tests.conftest import compose
+
+    request = _held_out_draw_request(tmp_path / "data")
+    weights = json.loads((out / "instruct" / "results.json").read_text())["artifacts"]["weights"]
+    cfg = compose(["stage=serve", f"init_from={weights}", "logger=none", f"paths.data_dir={tmp_path}/data",
+                   f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/serve"])
+    engine = Engine(build_session(cfg), tmp_path / "served", feature_cache=0)
+    try:
+        events: queue.Queue = queue.Queue()
+        job = engine.submit(ChatRequest(request), events.put)
+        assert job.finished.wait(300)
+        seen = [events.get() for _ in range(events.qsize())]
+        (result,) = [value for kind, value in seen if kind == "done"]
+        assert "<Img>" in result.answer and "</Img>" in result.answer, (request, result.answer)
+        assert len(result.pictures) == 1 and result.pictures[0].path.is_file(), result
+    finally:
+        engine.close()
+    chat_dir = tmp_path / "chat"
+    r = subprocess.run([sys.executable, "run.py", "stage=chat", f"init_from={weights}", f"stage.prompt={request!r}",
+                        "logger=none", f"paths.data_dir={tmp_path}/data", f"hydra.run.dir={chat_dir}"],
+                       cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "ASSISTANT: <Img>" in r.stdout and "[picture saved to" in r.stdout, r.stdout[-2000:]
+    assert len(list((chat_dir / "pictures").glob("*.png"))) == 1
 
 
 def test_recipe_logs_one_wandb_run_per_stage_in_one_group(tmp_path, run_env):

@@ -129,9 +129,9 @@ def test_tiny_vae_round_trips_through_an_ldm_checkpoint(drawings, tmp_path):
 
 @pytest.fixture(scope="module")
 def pipe():
-    from easygen.factories import tiny_corpus
+    from easygen.factories import tiny_caption_corpus
 
-    return BiDiffuser.tiny(tiny_corpus(), seed=0, image_size=64, **SAMPLER)
+    return BiDiffuser.tiny(tiny_caption_corpus(), seed=0, image_size=64, **SAMPLER)
 
 
 def test_t2i_noise_prediction_depends_on_the_text(pipe):

@@ -21,7 +21,7 @@ from easygen.bidiffuser.autoencoder import sample_latent
 from easygen.bidiffuser.loss import bidiffuser_loss
 from easygen.bidiffuser.pipeline import BiDiffuser
 from easygen.bidiffuser.sampling import DATA_TYPE
-from easygen.factories import tiny_corpus
+from easygen.factories import tiny_caption_corpus
 from easygen.lit.optim import build_optimizer
 from tests.conftest import ROOT
 
@@ -51,7 +51,7 @@ def _pairs(n: int, seed: int) -> tuple[torch.Tensor, list[list[str]]]:
 def trained():
     """A tiny BiDiffuser after the CLIP fit and STEPS U-ViT steps (AdamW, the stage's lr and schedule)."""
     torch.manual_seed(0)
-    pipe = BiDiffuser.tiny(tiny_corpus(), seed=0, image_size=64, **SAMPLER)
+    pipe = BiDiffuser.tiny(tiny_caption_corpus(), seed=0, image_size=64, **SAMPLER)
     images, captions = _pairs(PICTURES, seed=1)
     # conf/model/tiny.yaml: model.bidiffuser.clip_fit
     pipe.fit_clip(images, captions, seed=0, **CLIP_FIT)

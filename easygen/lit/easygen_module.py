@@ -83,7 +83,12 @@ class EasyGenModule(pl.LightningModule):
         if self.feature_source == "captions":
             # caption-as-image (SPEC §4): a reference caption stands in for the picture
             rng = self.train_collator.rng  # seeded: hash() of strings changes from run to run
-            batch["feature_texts"] = [rng.choice(s["captions"]) for s in samples if s.get("captions")]
+            pictured = [s for s, h in zip(samples, batch["has_image"].tolist()) if h]
+            missing = [s.get("id", "?") for s in pictured if not s.get("captions")]
+            if missing:
+                raise ValueError(f"samples {missing[:3]}: stage.feature_source=captions needs the 'captions' of "
+                                 "every sample with a picture (they stand in for it)")
+            batch["feature_texts"] = [rng.choice(s["captions"]) for s in pictured]
             batch["images"] = None  # read for evaluation only
         return batch
 

@@ -69,7 +69,8 @@ class EasyGenT5Module(EasyGenModule):
         """Mid-Align puts the image in front of every encoder output: each sample needs a picture."""
         if feats is None or not bool(batch["has_image"].all()):
             ids = [i for i, h in zip(batch["ids"], batch["has_image"].tolist()) if not h]
-            raise ValueError(f"samples {ids[:5]}: the FlanT5 Mid-Align model needs an image in every sample")
+            raise ValueError(f"samples {ids[:5]}: the FlanT5 Mid-Align model needs an image in every sample "
+                             "(the synthetic set's draw requests have none: set stage.extra_train=null)")
         return feats
 
     def forward_loss(self, batch: dict, feats: torch.Tensor | None):

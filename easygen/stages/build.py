@@ -22,14 +22,25 @@ def lightning_module(cfg) -> pl.LightningModule:
 
 
 def datamodule(cfg, module) -> StageDataModule:
-    """`data` instantiated with the LightningModule's collate functions (training and generation)."""
+    """`data` instantiated with the LightningModule's collate functions (training and generation) and the
+    stage's extra training sources (`stage.extra_train`: conf/stage/instruct.yaml adds the data config's
+    `instruct_train`)."""
     return instantiate(
         cfg.data,
         collate_fn=module.collate,
         eval_collate_fn=module.eval_collate,
         load_images=module.needs_images,
+        extra_train=extra_train(cfg),
         _convert_="all",
     )
+
+
+def extra_train(cfg) -> list:
+    """The weighted sources the stage adds to `data.train` (`stage.extra_train`; none when unset)."""
+    extra = cfg.stage.get("extra_train")
+    if extra is None:
+        return []
+    return list(OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra) else extra)
 
 
 def loggers(cfg) -> list:

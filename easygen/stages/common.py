@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from data_modules.shards import expand_urls
-from data_modules.synthetic import make_synthetic
+from data_modules.synthetic import make_synthetic, write_dialogues
 from easygen.assets import asset
 from easygen.errors import ConfigError
 
@@ -46,12 +46,17 @@ def ensure_data(cfg) -> None:
     """Write the synthetic set on first use; check that every shard pattern matches something."""
     if cfg.data.get("synthetic") and cfg.data.name == "synthetic":
         root = Path(str(cfg.data.root))
+        s = cfg.data.synthetic
         if not (root / "manifest.json").exists():
-            s = cfg.data.synthetic
             log.info("writing the synthetic set (%d samples) to %s", s.n, root)
             make_synthetic(str(root), n=int(s.n), seed=int(s.seed), image_size=int(s.image_size))
+        elif not (root / "dialogue" / "manifest.json").exists():  # a set written before the dialogues
+            log.info("writing the synthetic set's dialogues to %s", root / "dialogue")
+            write_dialogues(root / "dialogue", n=int(s.n), seed=int(s.seed), image_size=int(s.image_size))
     for i, src in enumerate(cfg.data.train or []):
         _check_urls(src["urls"], f"data.train[{i}].urls")
+    for i, src in enumerate(cfg.stage.get("extra_train") or []):
+        _check_urls(src["urls"], f"data.instruct_train[{i}].urls (stage.extra_train)")
     for key in ("val", "test"):
         if cfg.data.get(key):
             _check_urls(cfg.data[key], f"data.{key}")

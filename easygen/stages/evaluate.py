@@ -2,6 +2,8 @@
 plus the per-sample predictions in the official results formats, so that others can check the numbers.
 
 - `task=coco_caption|vqa|t2i`: the `data` set's test split across ranks;
+- `task=dialogue`: the held-out dialogues of `data.dialogue_test` (the synthetic set's draw requests,
+  attribute questions and caption requests of the test pictures; `dialogue_eval`);
 - `task=nocaps|okvqa|gqa|textvqa|mmbench|vqav2_testdev`: a benchmark of the paper (easygen/stages/benchmarks.py)
   from its converted shards, its official metric and submission file;
 - `task=coco_fid`: MS-COCO 256x256 text-to-image FID (easygen/stages/coco_fid.py);
@@ -25,11 +27,14 @@ from pycocoevalcap.cider.cider import Cider
 
 from callbacks.caption_eval import CaptionEvalCallback
 from callbacks.progress import StepProgressBar
-from data_modules.shards import expand_urls
+from data_modules.shards import ShardIndexDataset, expand_urls
 from data_modules.stage_datamodule import StageDataModule
+from data_modules.synthetic_reader import ATTRIBUTES, parse_caption, read_picture
 from data_modules.t2i_kinds import attribute_accuracy, kind_for
+from easygen.chat import IMG_TAG
 from easygen.checkpoint import loaded_weights
 from easygen.errors import ConfigError
+from easygen.llm.templates import IMAGE_MARKER, IMG_OPEN
 from easygen.metrics import clip_score, fid_score, ptb_tokenize, require_torch_fidelity, vqa_scores
 from easygen.stages import build
 from easygen.stages.benchmarks import (
@@ -46,7 +51,7 @@ from easygen.stages.common import container, ensure_data, output_dir
 from easygen.stages.run import write_results
 
 log = logging.getLogger(__name__)
-TASKS = ("coco_caption", "vqa", "t2i", *(b for b in BENCHMARKS if b != "coco_caption"), "coco_fid", "all")
+TASKS = ("coco_caption", "vqa", "t2i", "dialogue", *(b for b in BENCHMARKS if b != "coco_caption"), "coco_fid", "all")
 
 
 def _module(cfg):
@@ -77,10 +82,17 @@ def eval_stage(cfg) -> dict:
         res = run_benchmark(cfg, module, task, shards, out)
         return {"global_step": 0, "task": task, "metrics": res.pop("metrics"), "best": {}, "checkpoints": {},
                 **res, "loaded": loaded_weights(module)}  # fmt: skip
+    if task == "dialogue" and not cfg.data.get("dialogue_test"):
+        raise ConfigError(
+            f"task=dialogue needs data.dialogue_test (the held-out dialogues' shards), which data={cfg.data.name} "
+            "does not set; the synthetic set has them (data=synthetic)"
+        )
     ensure_data(cfg)
     module = _module(cfg)
     if task == "t2i":
         return t2i_eval(cfg, module, out)
+    if task == "dialogue":
+        return dialogue_eval(cfg, module, out)
     dm = build.datamodule(cfg, module)
     cb = VQAEvalCallback(prefix="test") if task == "vqa" else CaptionEvalCallback(prefix="test")
     trainer = build.trainer(
@@ -248,6 +260,155 @@ def attribute_readings(prompts: list[str], images: list, kind=None) -> list[tupl
         (kind.read_picture(im), n) if all(v is not None for v in n.values()) else None
         for im, n in zip(images, named)
     ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the held-out dialogues (task=dialogue)
+# ----------------------------------------------------------------------------------------------------
+
+DIALOGUE_TYPES = ("draw", "question", "caption")
+
+
+def short_answer(text: str) -> str:
+    """An answer as exact match compares it: lower case, outer spaces and final punctuation dropped."""
+    return " ".join(text.lower().split()).strip(" .!?,;:")
+
+
+def dialogue_prompt(sample: dict) -> str:
+    """The user's message of a dialogue sample (a VQA sample's question, as asked before the paper's
+    short-answer suffix)."""
+    if sample["kind"] == "vqa":
+        return sample["question"]
+    return sample["conversations"][0]["value"].replace(IMAGE_MARKER, "").strip()
+
+
+def read_dialogues(spec, image_size: int) -> list[dict]:
+    """The held-out dialogue samples of `spec` (shards written by data_modules/synthetic.py write_dialogues),
+    pictures decoded; a sample that cannot be read or has no valid `dialogue` record stops the run with one
+    line naming its shard, key and field."""
+    ds = ShardIndexDataset(spec, image_size=image_size)
+    samples = []
+    for i, (url, key, _) in enumerate(ds.index):
+        s = ds[i]
+        if s is None:
+            raise ValueError(f"{url}: sample {key!r} cannot be read (the warning above says why)")
+        d = s.get("dialogue")
+        if not isinstance(d, dict) or d.get("type") not in DIALOGUE_TYPES or not isinstance(d.get("attributes"), dict):
+            raise ValueError(f"{url}: sample {key!r}: field 'dialogue' must be an object with 'type' one of "
+                             f"{DIALOGUE_TYPES} and the picture's 'attributes'")
+        if d["type"] == "question" and d.get("attribute") not in d["attributes"]:
+            raise ValueError(f"{url}: sample {key!r}: field 'dialogue.attribute' must name one of its attributes")
+        if d["type"] == "caption" and not s.get("captions"):
+            raise ValueError(f"{url}: sample {key!r}: a caption request needs its references in 'captions'")
+        s["features"] = None  # from the pixels, as the server computes them
+        samples.append(s)
+    if not samples:
+        raise ValueError(f"data.dialogue_test={spec}: no dialogue samples")
+    return samples
+
+
+def dialogue_eval(cfg, module, out: Path) -> dict:
+    """The embedded default's instruction dialogues on held-out pictures (`data.dialogue_test`): every draw
+    request, attribute question and caption request answered by the model (greedy, as the web demo answers
+    at temperature 0; the pictures' BiDiffuser features computed from the pixels, as the server does), then:
+
+    - `test/dialogue/draw_answered`: the fraction of draw requests answered with `<Img>description</Img>`;
+      on the pictures BiDiffuser draws from those descriptions (easygen/chat.py IMG_TAG, as the server
+      draws them), `draw_<attribute>` read back from the pixels (data_modules/synthetic_reader.py) against
+      what the request named, beside `draw_<attribute>_chance`; `draw_described` the fraction of
+      descriptions that name every requested attribute;
+    - `test/dialogue/short_answer_acc`: exact match of the attribute questions' answers, `short_answer_chance`
+      (always the most frequent answer of each question type), per type (`short_answer_acc/<attribute>`) and
+      per form (`/typed`: the question as typed in a chat; `/vqa_prompt`: with the paper's suffix);
+    - `test/dialogue/question_img_rate` and `caption_img_rate`: answers to non-draw messages that ask for a
+      picture (drawing must not be the answer to everything);
+    - `test/dialogue/caption_CIDEr`: the caption requests (varied phrasings, the picture's features computed
+      from its pixels) against the five references."""
+    samples = read_dialogues(cfg.data.dialogue_test, int(cfg.model.image_size))
+    module.configure_model()
+    module.eval()
+    batch = int(cfg.stage.get("batch_size") or cfg.data.eval_batch_size)
+    answers: dict[str, str] = {}
+    for kind in DIALOGUE_TYPES:
+        rows = [s for s in samples if s["dialogue"]["type"] == kind]
+        for i in range(0, len(rows), batch):
+            pred = module.predict_captions(module.eval_collate(rows[i : i + batch]))
+            answers.update(zip(pred["ids"], pred["predictions"]))
+    by_type = {k: [s for s in samples if s["dialogue"]["type"] == k] for k in DIALOGUE_TYPES}
+    metrics: dict[str, float] = {f"test/dialogue/num_{k}": float(len(v)) for k, v in by_type.items()}
+    rows_out = {s["id"]: {"id": s["id"], "type": s["dialogue"]["type"], "prompt": dialogue_prompt(s),
+                          "answer": answers[s["id"]]} for s in samples}  # fmt: skip
+    pre = "test/dialogue/"
+
+    draws = by_type["draw"]
+    if draws:
+        described = {}
+        for s in draws:
+            tags = [d.strip() for d in IMG_TAG.findall(answers[s["id"]]) if d.strip()]
+            if tags:
+                described[s["id"]] = tags[0]
+        metrics[pre + "draw_answered"] = len(described) / len(draws)
+        drawn = [s for s in draws if s["id"] in described]
+        if drawn:
+            prompts = [described[s["id"]] for s in drawn]
+            images = []
+            for i in range(0, len(prompts), 8):
+                images += module.generate_images(prompts[i : i + 8])
+            folder = out / "images"
+            folder.mkdir(parents=True, exist_ok=True)
+            named = [s["dialogue"]["attributes"] for s in drawn]
+            reads = [read_picture(im) for im in images]
+            acc = attribute_accuracy(reads, named, ATTRIBUTES)
+            metrics.update({f"{pre}draw_{k}": float(v) for k, v in acc.items()})
+            said = [parse_caption(p) for p in prompts]
+            metrics[pre + "draw_described"] = sum(
+                all(w.get(a) == n[a] for a in n) for w, n in zip(said, named)) / len(drawn)
+            for s, im, r, p in zip(drawn, images, reads, prompts):
+                im.save(folder / f"{s['id']}.png")
+                rows_out[s["id"]].update(description=p, file=f"images/{s['id']}.png", read=r,
+                                         named=s["dialogue"]["attributes"])
+
+    questions = by_type["question"]
+    if questions:
+        right, chance_hits = [], 0
+        per: dict[str, list[bool]] = {}
+        forms: dict[str, list[bool]] = {}
+        for s in questions:
+            attribute = s["dialogue"]["attribute"]
+            expected = s["dialogue"]["attributes"][attribute]
+            ok = short_answer(answers[s["id"]]) == expected
+            right.append(ok)
+            per.setdefault(attribute, []).append(ok)
+            forms.setdefault("vqa_prompt" if s["kind"] == "vqa" else "typed", []).append(ok)
+            rows_out[s["id"]].update(attribute=attribute, expected=expected, correct=ok)
+        metrics[pre + "short_answer_acc"] = sum(right) / len(right)
+        for attribute, oks in sorted(per.items()):
+            truths = [s["dialogue"]["attributes"][attribute] for s in questions if s["dialogue"]["attribute"] == attribute]
+            top = max(truths.count(v) for v in set(truths))
+            chance_hits += top
+            metrics[f"{pre}short_answer_acc/{attribute}"] = sum(oks) / len(oks)
+            metrics[f"{pre}short_answer_chance/{attribute}"] = top / len(truths)
+        metrics[pre + "short_answer_chance"] = chance_hits / len(questions)
+        for form, oks in sorted(forms.items()):
+            metrics[f"{pre}short_answer_acc/{form}"] = sum(oks) / len(oks)
+        metrics[pre + "question_img_rate"] = sum(IMG_OPEN in answers[s["id"]] for s in questions) / len(questions)
+
+    captions = by_type["caption"]
+    if captions:
+        metrics[pre + "caption_CIDEr"] = cider_score({s["id"]: answers[s["id"]] for s in captions},
+                                                     {s["id"]: s["captions"] for s in captions})
+        metrics[pre + "caption_img_rate"] = sum(IMG_OPEN in answers[s["id"]] for s in captions) / len(captions)
+    (out / "predictions.json").write_text(json.dumps(list(rows_out.values()), indent=1))
+    return {
+        "global_step": 0,
+        "task": "dialogue",
+        "metrics": metrics,
+        "best": {},
+        "checkpoints": {},
+        "num_samples": len(samples),
+        "artifacts": {"predictions": str(out / "predictions.json"), "images": str(out / "images")},
+        "loaded": loaded_weights(module),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ samples with reasons) is rebuilt from the records of every finished shard, which
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import io
 import json
 import logging
@@ -40,6 +42,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 WHAT = ("features", "encoders")
 DTYPES = {"float16": np.float16, "float32": np.float32}
 FEATURES_MEMBER = "features.npy"
+MEMO_PICTURES = 1024  # pictures whose features extract keeps for later shards (extract_shard's memo)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -98,9 +101,13 @@ def extract_shard(
     dtype=np.float16,
     record: Path | None = None,
     record_extra: dict | None = None,
+    memo: dict | None = None,
 ) -> dict:
     """Write `dst`: `src`'s samples plus the outputs of `what`. The shard goes through a temporary file;
     `record` (the shard's json record: samples, skipped, `record_extra`) is written before the rename.
+    `memo` ({picture file digest: features}, shared across shards) serves a picture seen before (the
+    synthetic set's questions ask about the caption set's pictures); only for a sampler whose features do
+    not depend on the batch (`shared_noise`).
 
     Returns {"samples": count written, "skipped": [{shard, key, reason}]}."""
     samples = read_tar_samples(src)
@@ -121,7 +128,18 @@ def extract_shard(
         images = torch.stack([im for _, im in chunk]).to(device)
         out: dict[str, list[np.ndarray]] = {}
         with torch.no_grad():
-            if "features" in what:
+            if "features" in what and memo is not None:
+                digests = [hashlib.sha256(samples[k][next(e for e in IMAGE_EXTS if e in samples[k])]).hexdigest()
+                           for k, _ in chunk]
+                todo = [j for j, d in enumerate(digests) if d not in memo]
+                fresh = dict(zip([digests[j] for j in todo],
+                                 pipe.i2t_features(images[todo]).float().cpu().numpy() if todo else []))
+                out[FEATURES_MEMBER] = [fresh[d] if d in fresh else memo[d] for d in digests]
+                for d, f in fresh.items():
+                    memo[d] = f.astype(dtype)
+                    while len(memo) > MEMO_PICTURES:
+                        memo.pop(next(iter(memo)))  # the oldest first
+            elif "features" in what:
                 out[FEATURES_MEMBER] = list(pipe.i2t_features(images).float().cpu().numpy())
             if "encoders" in what:
                 enc = pipe.encode_images(images)
@@ -213,18 +231,64 @@ def _pipeline(cfg, device: torch.device):
         ) from None
 
 
-def _split_urls(cfg, split: str) -> list[str]:
-    """The local shards of a data split (none when the split is not configured)."""
-    spec = cfg.data.get(split) if split != "train" else [s["urls"] for s in cfg.data.train]
-    if not spec:
-        return []
-    urls = expand_urls(list(spec) if not isinstance(spec, str) else spec)
-    if any(u.startswith("pipe:") for u in urls):
-        raise ConfigError(f"stage=extract reads local shards only; data.{split} has pipe: urls")
-    names = [Path(u).name for u in urls]
+def _split_sources(cfg, split: str) -> list[tuple[str, list[str]]]:
+    """The local shards of a data split, per source: (config key, its urls). The train split has the
+    sources of `data.train` and of `data.instruct_train` (what the instruct stage adds to them); val and
+    test one each (none when the split is not configured)."""
+    if split == "train":
+        specs = [(f"data.train[{i}]", s["urls"]) for i, s in enumerate(cfg.data.train or [])]
+        specs += [(f"data.instruct_train[{i}]", s["urls"])
+                  for i, s in enumerate(cfg.data.get("instruct_train") or [])]
+    else:
+        spec = cfg.data.get(split)
+        specs = [(f"data.{split}", spec)] if spec else []
+    out = []
+    for key, spec in specs:
+        urls = expand_urls(list(spec) if not isinstance(spec, str) else spec)
+        if any(u.startswith("pipe:") for u in urls):
+            raise ConfigError(f"stage=extract reads local shards only; {key} has pipe: urls")
+        out.append((key, urls))
+    names = [Path(u).name for _, urls in out for u in urls]
     if len(set(names)) != len(names):
         raise ConfigError(f"data.{split}: shard file names repeat across folders; extract writes them to one folder")
-    return urls
+    return out
+
+
+def _split_urls(cfg, split: str) -> list[str]:
+    """The local shards of a data split (every source's, in order)."""
+    return [u for _, urls in _split_sources(cfg, split) for u in urls]
+
+
+def extracted_spec(spec, urls: list[str], folder: Path) -> str:
+    """Where a source's shards are after extraction (`folder` holds the split's shards of every source):
+    the source's own file pattern in `folder` when it matches exactly its shards there, else the shards
+    one by one, joined by `::` (data_modules/shards.py expand_urls)."""
+    names = sorted(Path(u).name for u in urls)
+    if isinstance(spec, str) and "::" not in spec:
+        pattern = Path(spec).name if not Path(spec).is_dir() else "*.tar"
+        present = sorted(p.name for p in folder.glob("*.tar")) if folder.is_dir() else names
+        if sorted(fnmatch.filter(present, pattern)) == names:
+            return str(folder / pattern)
+    return "::".join(str(folder / n) for n in names)
+
+
+def extracted_sources(cfg, out_root: Path) -> dict:
+    """The data config's sources pointed at the extracted shards: `train` and `instruct_train` as lists of
+    {urls, weight}, `val` and `test` as patterns (what the recipe hands to the LLM stages)."""
+    out: dict = {}
+    for split in cfg.stage.splits:
+        sources = _split_sources(cfg, split)
+        folder = out_root / split
+        if split != "train":
+            if sources:
+                out[split] = extracted_spec(cfg.data.get(split), sources[0][1], folder)
+            continue
+        nodes = [*(("train", s) for s in cfg.data.train or []),
+                 *(("instruct_train", s) for s in cfg.data.get("instruct_train") or [])]
+        for (group, node), (_, urls) in zip(nodes, sources):
+            out.setdefault(group, []).append(
+                {"urls": extracted_spec(node["urls"], urls, folder), "weight": float(node.get("weight", 1.0))})
+    return out
 
 
 def extract_stage(cfg) -> dict:
@@ -239,6 +303,7 @@ def extract_stage(cfg) -> dict:
     out_root = Path(str(cfg.stage.out_dir))
     settings = _settings(cfg, what)
     done, resumed, n_images, t0 = [], [], 0, time.time()
+    memo = {} if getattr(pipe, "shared_noise", False) else None  # features of pictures seen in earlier shards
     for split in cfg.stage.splits:
         urls = _split_urls(cfg, split)
         (out_root / split).mkdir(parents=True, exist_ok=True)
@@ -250,7 +315,7 @@ def extract_stage(cfg) -> dict:
                 continue
             res = extract_shard(pipe, url, dst, int(cfg.model.image_size), int(cfg.stage.batch_size), device,
                                 what=what, dtype=DTYPES[dtype_name], record=_record_path(out_root, split, dst.name),
-                                record_extra={"settings": settings})
+                                record_extra={"settings": settings}, memo=memo)
             n_images += res["samples"]
             done.append(f"{split}/{dst.name}")
             for s in res["skipped"]:
@@ -274,7 +339,8 @@ def extract_stage(cfg) -> dict:
         "checkpoints": {},
         "extract": {"rank": rank, "world_size": world, "written": done, "resumed": resumed},
         "loaded": loaded_weights(pipe),
-        "artifacts": {"shards": str(out_root), "manifest": str(out_root / "manifest.json")},
+        "artifacts": {"shards": str(out_root), "manifest": str(out_root / "manifest.json"),
+                      "sources": extracted_sources(cfg, out_root)},
     }
 
 

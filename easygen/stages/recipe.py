@@ -26,8 +26,9 @@ log = logging.getLogger("easygen")
 SKIP_OVERRIDES = ("stage", "experiment", "hydra.", "paths.output_dir", "init_from", "ckpt_path")
 
 
-def _links(stage: str, done: dict) -> list[str]:
-    """Overrides that hand the earlier stages' outputs to `stage`."""
+def _links(stage: str, done: dict, cfg=None) -> list[str]:
+    """Overrides that hand the earlier stages' outputs to `stage`; a source's weight is this run's
+    (`cfg.data`), not the one recorded when its shards were extracted."""
     out = []
     bd = done.get("bidiffuser", {}).get("artifacts", {})
     if bd.get("bidiffuser_weights") and stage != "bidiffuser":
@@ -35,8 +36,17 @@ def _links(stage: str, done: dict) -> list[str]:
     ex = done.get("extract", {}).get("artifacts", {})
     if ex.get("shards") and stage in ("pretrain", "instruct", "eval"):
         root = ex["shards"]
-        out += [f"data.train=[{{urls:'{root}/train/*.tar',weight:1.0}}]", f"data.val='{root}/val/*.tar'",
-                f"data.test='{root}/test/*.tar'"]
+        # each source of the data config at its extracted shards (easygen/stages/extract.py extracted_sources)
+        sources = ex.get("sources") or {"train": [{"urls": f"{root}/train/*.tar", "weight": 1.0}],
+                                         "val": f"{root}/val/*.tar", "test": f"{root}/test/*.tar"}
+        for group in ("train", "instruct_train"):
+            if sources.get(group):
+                now = list((cfg.data.get(group) or []) if cfg is not None else [])
+                weights = ([float(n.get("weight", 1.0)) for n in now] if len(now) == len(sources[group])
+                           else [float(s["weight"]) for s in sources[group]])
+                items = ",".join(f"{{urls:'{s['urls']}',weight:{w}}}" for s, w in zip(sources[group], weights))
+                out.append(f"data.{group}=[{items}]")
+        out += [f"data.{split}='{sources[split]}'" for split in ("val", "test") if sources.get(split)]
     prev = {"instruct": "pretrain", "eval": "instruct"}.get(stage)
     if prev and done.get(prev):
         w = done[prev].get("artifacts", {}).get("weights") or done[prev]["checkpoints"].get("last")
@@ -77,7 +87,9 @@ FINGERPRINT = "fingerprint.json"
 
 def _file_identity(pattern: str) -> str:
     """What a path or shard pattern points at: count, bytes and newest modification of the files."""
-    paths = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).exists() else [])
+    paths = []
+    for part in pattern.split("::"):  # shards one by one (easygen/stages/extract.py extracted_spec)
+        paths += sorted(glob.glob(part)) or ([part] if Path(part).exists() else [])
     files = [f for p in paths for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file()]
     if not files:
         return "absent"
@@ -89,8 +101,9 @@ def fingerprint(sub) -> dict:
     """The stage's resolved config without its volatile keys, with each input file's identity beside it."""
     flat = flatten(OmegaConf.to_container(sub, resolve=True))
     out = {k: v for k, v in flat.items() if not k.startswith(VOLATILE)}
-    inputs = [k for k in out if k in ("init_from", "model.bidiffuser.weights", "data.val", "data.test")
-              or (k.startswith("data.train") and k.endswith(".urls"))]
+    inputs = [k for k in out if k in ("init_from", "model.bidiffuser.weights", "data.val", "data.test",
+                                      "data.dialogue_test")
+              or (k.startswith(("data.train", "data.instruct_train")) and k.endswith(".urls"))]
     for key in inputs:
         if isinstance(out[key], str):
             out[f"{key} (files)"] = _file_identity(out[key])
@@ -139,7 +152,7 @@ def run_chain(cfg, stages, root: Path, done: dict, extra: list[str] = ()) -> dic
         raise ConfigError(f"stage.on_change={policy}: choose rerun, reuse or error")
     for stage in stages:
         sdir = root / stage
-        sub = compose_stage(cfg, stage, [f"paths.output_dir={sdir}", *_links(stage, done),
+        sub = compose_stage(cfg, stage, [f"paths.output_dir={sdir}", *_links(stage, done, cfg),
                                          *wandb_names(cfg, sdir), *extra])
         if sub.stage.kind == "all":
             raise ConfigError("stage.stages may not contain 'all'")
@@ -181,6 +194,14 @@ def run_all(cfg) -> dict:
         if "eval" in t2i:
             metrics.update({k: v for k, v in t2i["eval"]["metrics"].items() if k.startswith("test/t2i")})
             summary["t2i"] = {"metrics": t2i["eval"].get("metrics", {}), "best": {}}
+    if cfg.stage.get("dialogue", True) and final and "eval" in stages and cfg.data.get("dialogue_test"):
+        # the instruction dialogues on held-out pictures (draw requests, attribute questions, caption
+        # requests): easygen/stages/evaluate.py dialogue_eval; +stage.dialogue=false skips it
+        dialogue = run_chain(cfg, ["eval"], root / "dialogue", {s: r for s, r in done.items() if s != "eval"},
+                             ["task=dialogue"])
+        if "eval" in dialogue:
+            metrics.update({k: v for k, v in dialogue["eval"]["metrics"].items() if k.startswith("test/dialogue/")})
+            summary["dialogue"] = {"metrics": dialogue["eval"].get("metrics", {}), "best": {}}
     print_table(summary)
     return {"global_step": sum(int(r.get("global_step", 0)) for r in done.values()), "metrics": metrics,
             "best": {}, "stages": summary, "stage_dirs": {s: str(root / s) for s in done}, "checkpoints": {}}
