@@ -53,7 +53,7 @@ def fit_feature_standardizer(module, trainer=None) -> None:
                 mean, std, n, path = found
                 result = (mean, std, f"read from the cache {path} ({n} training samples)")
             else:
-                feats = training_features(module, urls, limit)
+                feats = training_features(module, urls, limit, keep=world == 1)
                 mean, std = module.model.projector.standardizer_statistics(feats, eps)
                 mean, std = mean.float(), std.float()
                 path = feature_stats.write_cached(dirs, key, mean, std, len(feats)) if dirs else None
@@ -76,8 +76,10 @@ def fit_feature_standardizer(module, trainer=None) -> None:
 
 
 @torch.no_grad()
-def training_features(module, urls: list, limit: int) -> torch.Tensor:
-    """The features of the first `limit` training samples ([N, L, C], float32 on the CPU)."""
+def training_features(module, urls: list, limit: int, keep: bool = False) -> torch.Tensor:
+    """The features of the first `limit` training samples ([N, L, C], float32 on the CPU). `keep`: also put
+    the features computed on the fly into the module's in-memory feature cache (`model.feature_cache_size`),
+    so that the first epoch does not run the sampler again for the same pictures (one process only)."""
     size = int(module.cfg["model"]["image_size"])
     feats, pending = [], []
     load = module.feature_source != "captions"
@@ -94,9 +96,9 @@ def training_features(module, urls: list, limit: int) -> torch.Tensor:
             else:
                 images = torch.stack([torch.as_tensor(s["image"]) for s in pending])
                 batch["images"] = images.to(next(module.bidiffuser.parameters()).device)
-            # not through the in-memory feature cache: it would hold float16 copies on rank 0 only,
-            # and the first steps would see other features there than on the other ranks
-            feats.append(module.image_features(batch, use_cache=False).float().cpu())
+            # under several processes not through the in-memory feature cache: it would hold float16 copies
+            # on rank 0 only, and the first steps would see other features there than on the other ranks
+            feats.append(module.image_features(batch, use_cache=keep).float().cpu())
             bar.update(len(pending))
             pending.clear()
 
