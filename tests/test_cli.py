@@ -92,7 +92,7 @@ def test_default_run_end_to_end(tmp_path, run_env):
     # pictures, at least twice the CIDEr of the best caption that ignores them
     assert res["metrics"]["val/CIDEr"] >= 2 * base, (res["metrics"]["val/CIDEr"], base)
     assert {e["key"] for e in res["loaded"]} >= {"model.llm.weights", "model.bidiffuser.weights"}
-    assert "with the shipped tiny BiDiffuser and LLM (easygen/assets/tiny)" in r.stdout
+    assert "with the shipped tiny LLM and BiDiffuser (easygen/assets/tiny)" in r.stdout
     # quiet by default: none of the messages that do not apply to this run (easygen/lit/log_setup.py), and
     # the schedule's last learning rate is not printed as a result
     printed = r.stdout + r.stderr
