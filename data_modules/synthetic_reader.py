@@ -121,14 +121,17 @@ def read_picture(image) -> dict[str, str | None]:
 
 
 def attribute_accuracy(
-    read: Sequence[dict[str, str | None]], truth: Sequence[dict[str, str | None]]
+    read: Sequence[dict[str, str | None]],
+    truth: Sequence[dict[str, str | None]],
+    attributes: Sequence[str] = ATTRIBUTES,
 ) -> dict[str, float]:
-    """Per attribute: the fraction of pictures read as ``truth`` says (over the pictures whose truth names
-    that attribute), and ``<attr>_chance``: the same for always answering the most frequent true value."""
+    """Per attribute (the synthetic set's, or another kind's: data_modules/t2i_kinds.py): the fraction of
+    pictures read as ``truth`` says (over the pictures whose truth names that attribute), and
+    ``<attr>_chance``: the same for always answering the most frequent true value."""
     if len(read) != len(truth):
         raise ValueError(f"attribute_accuracy: {len(read)} readings for {len(truth)} truths")
     out = {}
-    for attr in ATTRIBUTES:
+    for attr in attributes:
         pairs = [(r.get(attr), t[attr]) for r, t in zip(read, truth) if t.get(attr) is not None]
         if not pairs:
             continue

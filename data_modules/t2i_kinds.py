@@ -36,6 +36,9 @@ import numpy as np
 
 from data_modules import patterns, synthetic, synthetic_reader
 from data_modules.synthetic_reader import _as_float_rgb
+from data_modules.synthetic_reader import (
+    attribute_accuracy as attribute_accuracy,  # one implementation for every kind
+)
 
 
 @dataclass(frozen=True)
@@ -215,21 +218,3 @@ def kind_for(prompts: Sequence[str], root: str | Path | None = None) -> Kind | N
         return None
     fits = [k for k in KINDS.values() if all(names_every_attribute(k, p) for p in prompts)]
     return fits[0] if len(fits) == 1 else None
-
-
-def attribute_accuracy(
-    read: Sequence[dict[str, str | None]], truth: Sequence[dict[str, str | None]], attributes: Sequence[str]
-) -> dict[str, float]:
-    """Per attribute: the fraction of pictures read as ``truth`` says (over the pictures whose truth names
-    it), and ``<attr>_chance``: the same for always answering the most frequent true value."""
-    if len(read) != len(truth):
-        raise ValueError(f"attribute_accuracy: {len(read)} readings for {len(truth)} truths")
-    out = {}
-    for attr in attributes:
-        pairs = [(r.get(attr), t[attr]) for r, t in zip(read, truth) if t.get(attr) is not None]
-        if not pairs:
-            continue
-        values = [t for _, t in pairs]
-        out[attr] = sum(r == t for r, t in pairs) / len(pairs)
-        out[f"{attr}_chance"] = max(values.count(v) for v in set(values)) / len(pairs)
-    return out
