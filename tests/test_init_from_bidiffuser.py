@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from easygen.assets import asset
 from easygen.checkpoint import load_state_dict_file, save_state_dict_file, stored_config
 from easygen.errors import ConfigError
 from easygen.factories import build_bidiffuser
@@ -99,7 +100,8 @@ def test_eval_t2i_from_init_from_draws_with_its_bidiffuser(trained):
     out = trained["root"] / "eval_t2i"
     weights = trained["res"]["artifacts"]["weights"]
     cfg = compose_at(trained["data"], out, [*SMALL, "stage=eval", "task=t2i", f"init_from={weights}", "stage.t2i_limit=4"])
-    assert cfg.model.bidiffuser.weights is None  # the user names only the checkpoint
+    # the user names only the checkpoint: the preset's own (shipped) BiDiffuser is replaced by init_from's
+    assert cfg.model.bidiffuser.weights == asset("tiny/bidiffuser.safetensors")
     res = eval_stage(cfg)
     assert {"key": "model.bidiffuser.weights", "path": str(trained["bd"])} in [
         {k: d[k] for k in ("key", "path")} for d in res["loaded"]

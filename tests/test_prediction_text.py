@@ -44,6 +44,9 @@ def test_predicted_captions_are_clean(tmp_path):
         tmp_path / "data",
         tmp_path / "out",
         [
+            # random weights: their long, varied captions are what the cleaning is tested on
+            "model.bidiffuser.weights=null",
+            "model.llm.weights=null",
             "data.synthetic.n=40",
             "data.eval_batch_size=8",
             "model.bidiffuser.sampler.steps=2",

@@ -31,7 +31,9 @@ def session(tmp_path_factory):
     from easygen.stages.chat import build_session
 
     tmp = tmp_path_factory.mktemp("serve-batching")
-    cfg = compose(["stage=serve", "model.bidiffuser.sampler.steps=2", "logger=none", f"paths.data_dir={tmp}/data",
+    # random weights (not the shipped trained ones): their answers run to max_new_tokens
+    cfg = compose(["stage=serve", "model.bidiffuser.weights=null", "model.llm.weights=null",
+                   "model.bidiffuser.sampler.steps=2", "logger=none", f"paths.data_dir={tmp}/data",
                    f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/out"])
     return build_session(cfg)
 

@@ -39,7 +39,9 @@ class Server(ApiServer):
         (tmp / "cwd").mkdir(exist_ok=True)
         env = server_env(tmp)
         env.update(env_extra or {})
-        super().__init__(["stage.web=false", *server_args(tmp, args)], tmp / "cwd", env, start_timeout=240)
+        # random weights (not the shipped trained ones): their answers run to max_tokens
+        super().__init__(["stage.web=false", "model.bidiffuser.weights=null", "model.llm.weights=null",
+                          *server_args(tmp, args)], tmp / "cwd", env, start_timeout=240)
 
 
 def noise_png(seed: int) -> bytes:

@@ -233,12 +233,14 @@ def _pipeline(cfg, device: torch.device):
 
 def _split_sources(cfg, split: str) -> list[tuple[str, list[str]]]:
     """The local shards of a data split, per source: (config key, its urls). The train split has the
-    sources of `data.train` and of `data.instruct_train` (what the instruct stage adds to them); val and
-    test one each (none when the split is not configured)."""
+    sources of `data.train` and, when the image features are extracted, of `data.instruct_train` (what the
+    instruct stage adds to them; the encoders' outputs feed stage=bidiffuser, which trains on `data.train`
+    only); val and test one each (none when the split is not configured)."""
     if split == "train":
         specs = [(f"data.train[{i}]", s["urls"]) for i, s in enumerate(cfg.data.train or [])]
-        specs += [(f"data.instruct_train[{i}]", s["urls"])
-                  for i, s in enumerate(cfg.data.get("instruct_train") or [])]
+        if "encoders" not in parse_what(cfg.stage.get("what", "features")):
+            specs += [(f"data.instruct_train[{i}]", s["urls"])
+                      for i, s in enumerate(cfg.data.get("instruct_train") or [])]
     else:
         spec = cfg.data.get(split)
         specs = [(f"data.{split}", spec)] if spec else []
