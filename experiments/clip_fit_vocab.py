@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,33 +32,9 @@ from easygen.bidiffuser.pipeline import BiDiffuser
 from easygen.factories import tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
 
-
-@torch.no_grad()
-def text_latent_r2(pipe, samples: list[dict], kind) -> dict[str, float]:
-    """R^2 of the text latents grouped by each attribute (and by template index): 1 - within / total."""
-    captions = [(c, t) for s in samples for t, c in enumerate(s["captions"])]
-    y = pipe.encode_texts([c for c, _ in captions]).flatten(1).double()
-    total = float(((y - y.mean(0)) ** 2).sum())
-    named = [kind.parse_caption(c) for c, _ in captions]
-    factors = {a: [n[a] for n in named] for a in kind.attributes}
-    factors["template"] = [t for _, t in captions]
-    out = {}
-    for name, labels in factors.items():
-        within = 0.0
-        for v in set(labels):
-            rows = y[[i for i, label in enumerate(labels) if label == v]]
-            within += float(((rows - rows.mean(0)) ** 2).sum())
-        out[name] = round(1 - within / total, 3)
-    return out
-
-
-def token_counts(pipe, samples: list[dict]) -> dict[str, float]:
-    tok = pipe.clip_text.tokenizer
-    lengths = [len(tok(c)["input_ids"]) for s in samples for c in s["captions"]]
-    context = int(tok.model_max_length)
-    return {"context": context, "mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths),
-            "cut_fraction": round(sum(n > context for n in lengths) / len(lengths), 3)}
+from t2i_probe import text_latent_r2, text_tokens  # noqa: E402  (the probe's measures, one copy)
 
 
 def main(argv=None):
@@ -87,7 +64,7 @@ def main(argv=None):
             pipe = BiDiffuser.tiny(corpus, seed=args.seed, image_size=64)
             pipe.fit_clip(images, captions, seed=args.seed, **fit)
             report[f"{kind.name} / {vocabulary}"] = {
-                "tokens": token_counts(pipe, test), "r2": text_latent_r2(pipe, test, kind),
+                "tokens": text_tokens(pipe, test), "r2": text_latent_r2(pipe, test, kind),
                 "seconds": round(time.time() - start, 1)}
             print(json.dumps({f"{kind.name} / {vocabulary}": report[f"{kind.name} / {vocabulary}"]}), flush=True)
     return report
