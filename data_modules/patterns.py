@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
-from data_modules.convert import convert
-from data_modules.synthetic import COLOURS, split_counts
+from data_modules.synthetic import COLOURS, split_counts, write_caption_set
 
 KINDS = ("stripes", "texture", "count", "frame")
 STRIPE_COLOURS = ("red", "green", "blue", "yellow", "purple")
@@ -256,32 +253,15 @@ def make_patterns(
     rng = random.Random(seed)
     counts = split_counts(n)
     splits = [name for name, count in counts.items() for _ in range(count)]
-    with tempfile.TemporaryDirectory(prefix=f"easygen-{kind}-") as tmp:
-        tmp = Path(tmp)
-        (tmp / "images").mkdir()
-        lines = []
+    def samples():
         for i, split in enumerate(splits):
             attributes = sample_attributes(kind, rng)
-            name = f"{kind}_{i:06d}.png"
-            draw(kind, attributes, image_size, rng).save(tmp / "images" / name, format="PNG")
-            record = {
-                "image": name,
-                "id": f"{kind}_{i:06d}",
-                "captions": captions_for(kind, attributes),
-                "split": split,
-                "attributes": {a: attributes[a] for a in ATTRIBUTES[kind]},
-            }
-            lines.append(json.dumps(record, sort_keys=True))
-        (tmp / "captions.jsonl").write_text("\n".join(lines) + "\n")
-        return convert(
-            "captions",
-            input=tmp / "captions.jsonl",
-            images=tmp / "images",
-            out=out,
-            shard_size=shard_size,
-            progress=progress,
-            source={"patterns": {"kind": kind, "n": n, "seed": seed, "image_size": image_size}},
-        )
+            image = draw(kind, attributes, image_size, rng)
+            yield (f"{kind}_{i:06d}", split, image, captions_for(kind, attributes),
+                   {a: attributes[a] for a in ATTRIBUTES[kind]})
+
+    return write_caption_set(samples(), out, shard_size=shard_size, progress=progress,
+                             source={"patterns": {"kind": kind, "n": n, "seed": seed, "image_size": image_size}})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

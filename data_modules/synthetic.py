@@ -227,6 +227,23 @@ def _check(n: int, image_size: int) -> None:
         raise ValueError(f"image_size must be >= 16 for the shapes to be legible, got {image_size}")
 
 
+def write_caption_set(samples, out: str | Path, shard_size: int, progress: bool, source: dict) -> dict[str, Any]:
+    """Shards under ``out`` from ``(id, split, PIL picture, captions, attributes)`` samples: the pictures and
+    a captions jsonl written to a temporary folder, then the ``captions`` converter, like any user data."""
+    with tempfile.TemporaryDirectory(prefix="easygen-captions-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "images").mkdir()
+        lines = []
+        for sid, split, image, captions, attributes in samples:
+            image.save(tmp / "images" / f"{sid}.png", format="PNG")
+            record = {"image": f"{sid}.png", "id": sid, "captions": captions, "split": split,
+                      "attributes": attributes}
+            lines.append(json.dumps(record, sort_keys=True))
+        (tmp / "captions.jsonl").write_text("\n".join(lines) + "\n")
+        return convert("captions", input=tmp / "captions.jsonl", images=tmp / "images", out=out,
+                       shard_size=shard_size, progress=progress, source=source)
+
+
 def make_synthetic(
     out: str | Path,
     n: int = 640,
@@ -238,31 +255,12 @@ def make_synthetic(
     """Write ``n`` synthetic caption samples as shards under ``out`` and their dialogues under
     ``out/dialogue`` (``write_dialogues``); returns the caption set's manifest."""
     _check(n, image_size)
-    with tempfile.TemporaryDirectory(prefix="easygen-synthetic-") as tmp:
-        tmp = Path(tmp)
-        (tmp / "images").mkdir()
-        lines = []
-        for i, split, attributes, image in pictures(n, seed, image_size):
-            name = f"synth_{i:06d}.png"
-            image.save(tmp / "images" / name, format="PNG")
-            record = {
-                "image": name,
-                "id": f"synth_{i:06d}",
-                "captions": captions_for(attributes),
-                "split": split,
-                "attributes": attributes,
-            }
-            lines.append(json.dumps(record, sort_keys=True))
-        (tmp / "captions.jsonl").write_text("\n".join(lines) + "\n")
-        manifest = convert(
-            "captions",
-            input=tmp / "captions.jsonl",
-            images=tmp / "images",
-            out=out,
-            shard_size=shard_size,
-            progress=progress,
-            source={"synthetic": {"n": n, "seed": seed, "image_size": image_size}},
-        )
+    manifest = write_caption_set(
+        ((f"synth_{i:06d}", split, image, captions_for(attributes), attributes)
+         for i, split, attributes, image in pictures(n, seed, image_size)),
+        out, shard_size=shard_size, progress=progress,
+        source={"synthetic": {"n": n, "seed": seed, "image_size": image_size}},
+    )
     write_dialogues(Path(out) / "dialogue", n=n, seed=seed, image_size=image_size, shard_size=shard_size)
     return manifest
 
