@@ -40,6 +40,16 @@ def list_collate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(samples)
 
 
+def weighted_source(source, name: str) -> tuple[list[str], float]:
+    """One `{urls, weight}` entry of a training mix as (expanded urls, weight); `name` says which in errors."""
+    if not isinstance(source, Mapping) or "urls" not in source:
+        raise ValueError(f"{name} has no 'urls' (expected {{urls: spec, weight: float}}), got {source!r}")
+    weight = float(source.get("weight", 1.0))
+    if not weight > 0:
+        raise ValueError(f"{name} ({source['urls']!r}) has weight {weight}; weights must be > 0")
+    return expand_urls(source["urls"]), weight
+
+
 class _DropNone:
     """Collate wrapper for map-style sets: an unreadable sample comes back as None and is dropped."""
 
@@ -202,17 +212,7 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError("ShardDataModule.train is not set: give a url spec or a list of {urls, weight}")
         if not _is_source_list(self.train):
             return [(expand_urls(self.train), 1.0)]
-        sources = []
-        for i, source in enumerate(self.train):
-            if "urls" not in source:
-                raise ValueError(f"train source {i} has no 'urls' (expected {{urls: spec, weight: float}})")
-            weight = float(source.get("weight", 1.0))
-            if not weight > 0:
-                raise ValueError(
-                    f"train source {i} ({source['urls']!r}) has weight {weight}; weights must be > 0"
-                )
-            sources.append((expand_urls(source["urls"]), weight))
-        return sources
+        return [weighted_source(source, f"train source {i}") for i, source in enumerate(self.train)]
 
     @property
     def world_size(self) -> int:

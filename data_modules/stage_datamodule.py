@@ -9,8 +9,7 @@ from typing import Any
 
 import torch
 
-from data_modules.datamodule import ShardDataModule, _DropNone
-from data_modules.shards import expand_urls
+from data_modules.datamodule import ShardDataModule, _DropNone, weighted_source
 
 
 class StageDataModule(ShardDataModule):
@@ -52,15 +51,7 @@ class StageDataModule(ShardDataModule):
     def train_sources(self) -> list[tuple[list[str], float]]:
         """The `train` sources, then the `extra_train` ones, as (expanded urls, weight)."""
         sources = super().train_sources()
-        for i, source in enumerate(self.extra_train):
-            if not isinstance(source, Mapping) or "urls" not in source:
-                raise ValueError(f"extra train source {i} must be {{urls: spec, weight: float}}, got {source!r}")
-            weight = float(source.get("weight", 1.0))
-            if not weight > 0:
-                raise ValueError(
-                    f"extra train source {i} ({source['urls']!r}) has weight {weight}; weights must be > 0"
-                )
-            sources.append((expand_urls(source["urls"]), weight))
+        sources += [weighted_source(source, f"extra train source {i}") for i, source in enumerate(self.extra_train)]
         return sources
 
     def _eval_loader(self, split: str) -> torch.utils.data.DataLoader:
