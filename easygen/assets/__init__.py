@@ -12,6 +12,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 
 
+def is_shipped(path) -> bool:
+    """Whether `path` is one of these files (a preset's own weights, which init_from or a recipe may replace)."""
+    return bool(path) and Path(str(path)).resolve().is_relative_to(ROOT)
+
+
 def asset(name: str) -> str:
     """The absolute path of a shipped file (`tiny/llm.safetensors`); the caller checks that it exists."""
     return str(ROOT / name)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from data_modules.stage_datamodule import log_skipped
-from easygen.assets import ROOT as ASSETS
+from easygen.assets import is_shipped
 from easygen.checkpoint import load_state_dict_file, record_load, save_state_dict_file, stored_config
 from easygen.clean_text import clean_text
 from easygen.errors import ConfigError
@@ -363,11 +363,6 @@ class EasyGenModule(pl.LightningModule):
         return folder
 
 
-def _shipped(path) -> bool:
-    """A file of easygen/assets: a preset's own weights, which a run's init_from may replace."""
-    return bool(path) and Path(str(path)).resolve().is_relative_to(ASSETS)
-
-
 def bidiffuser_of_init_from(cfg: dict) -> dict:
     """The config with the BiDiffuser (and tiny LLM) that `init_from`'s weights were trained with.
 
@@ -385,7 +380,7 @@ def bidiffuser_of_init_from(cfg: dict) -> dict:
     stored = stored_config(init) or {}
     model = dict(cfg["model"])
     llm, theirs_llm = dict(model["llm"]), ((stored.get("model") or {}).get("llm") or {})
-    if (theirs_llm.get("preset") == llm.get("preset") and "weights" in theirs_llm and _shipped(llm.get("weights"))
+    if (theirs_llm.get("preset") == llm.get("preset") and "weights" in theirs_llm and is_shipped(llm.get("weights"))
             and not _same(theirs_llm["weights"], llm["weights"])):
         log.info("model.llm.weights=%s (the LLM init_from=%s was trained with)", theirs_llm["weights"], init)
         model["llm"] = {**llm, "weights": theirs_llm["weights"],
@@ -395,7 +390,7 @@ def bidiffuser_of_init_from(cfg: dict) -> dict:
     theirs, ours = theirs_b.get("weights"), b.get("weights")
     if theirs_b.get("preset") != b.get("preset") or not theirs or _same(theirs, ours):
         return {**cfg, "model": model}
-    if ours and not _shipped(ours):
+    if ours and not is_shipped(ours):
         log.warning(
             "init_from=%s was trained with model.bidiffuser.weights=%s; this run uses %s", init, theirs, ours
         )

@@ -16,7 +16,7 @@ from pathlib import Path
 from hydra import compose
 from omegaconf import OmegaConf
 
-from easygen.assets import ROOT as ASSETS
+from easygen.assets import is_shipped
 from easygen.errors import ConfigError
 from easygen.stages.baselines import baselines
 from easygen.stages.common import differences, flatten, hydra_overrides, output_dir
@@ -68,16 +68,9 @@ def compose_stage(cfg, stage: str, extra: list[str]):
         # the tiny preset's shipped files are this recipe's own output (python -m easygen.stages.tiny_weights):
         # the recipe starts where they started, from the preset's random weights
         for part in ("bidiffuser", "llm"):
-            node = sub.model.get(part) or {}
-            if part == "llm" and "weights" in node and _shipped(node.get("weights")):
-                sub.model.llm.weights = None
-            elif part == "bidiffuser" and _shipped(node.get("weights")):
-                sub.model.bidiffuser.weights = None
+            if is_shipped((sub.model.get(part) or {}).get("weights")):
+                sub.model[part].weights = None
     return sub
-
-
-def _shipped(path) -> bool:
-    return bool(path) and Path(str(path)).resolve().is_relative_to(ASSETS)
 
 
 # keys that do not change what a stage computes (where it writes, how it logs)

@@ -10,7 +10,7 @@ from pathlib import Path
 from hydra.utils import get_method
 from lightning.pytorch.utilities import rank_zero_only
 
-from easygen.assets import ROOT as ASSETS
+from easygen.assets import is_shipped
 from easygen.lit.log_setup import quiet_known_warnings, single_handler
 from easygen.stages.checks import validate
 from easygen.stages.common import hydra_choices, output_dir
@@ -56,7 +56,7 @@ def starting_weights(results: dict) -> str:
     if not loaded:
         return ""
     names = " and ".join(STARTS_FROM[e["key"]] for e in loaded)
-    if all(Path(e["path"]).resolve().is_relative_to(ASSETS) for e in loaded):
+    if all(is_shipped(e["path"]) for e in loaded):
         return f", with the shipped tiny {names} (easygen/assets/tiny)"
     return ", with " + " and ".join(f"the {STARTS_FROM[e['key']]} of {e['path']}" for e in loaded)
 
